@@ -1,0 +1,17 @@
+"""otter_surgery: Otter (non-disruptive parameter insertion, arXiv 2408.10764) for any decoder LLM.
+
+    omodel = otter.insert(model, otter.InsertSpec(extra_dim=64, extra_heads=1, extra_ffn=128))
+    out = omodel(input_ids=ids, attention_mask=mask)   # out.logits == model(...).logits, out.reward
+    otter.verify(model, omodel)
+"""
+from .errors import CaptureError, OtterError, SpecError, UnsupportedGraphError, VerificationError
+from .insert import insert
+from .model import OtterModel, OtterOutput
+from .spec import InsertSpec
+from .verify import VerifyReport, verify
+
+__all__ = [
+    "insert", "verify", "InsertSpec", "OtterModel", "OtterOutput", "VerifyReport",
+    "OtterError", "SpecError", "UnsupportedGraphError", "CaptureError", "VerificationError",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,185 @@
+"""Analyze: facts about the captured decoder, read from its graph (dataflow, shapes, targets) alone.
+
+The dataflow is a networkx DiGraph over fx nodes. From it the analysis finds
+- the residual stream: everything reachable from the embeddings through width-preserving elementwise ops;
+- the *role* of each parameterised linear's output dim, by walking forward to what consumes it:
+  `residual` (added back into the stream: o-proj, down-proj), `heads` (split by a view into heads of
+  an attention: q/k/v, fused qkv), `ffn` (read by another linear: gate/up, fused gate_up), `none` (lm_head);
+- the final hidden state (the input of the linear that produces the logits).
+No model_type switches: a new architecture needs new op rules at most, never a new branch here.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from fractions import Fraction
+from math import gcd
+
+import networkx as nx
+import torch.fx as fx
+
+from .errors import SpecError, UnsupportedGraphError, module_path
+from .graph_utils import get_attr_tensor, numeric_shape, op_name, reshape_groups, shape, val
+from .oprules import ATTENTION_OPS, ELEMENTWISE_OPS, RESHAPE_OPS, LinearInfo, linear_info
+from .spec import InsertSpec
+
+
+@dataclass
+class Role:
+    kind: str  # "residual" | "heads" | "ffn" | "none"
+    heads: int = 0  # heads the output splits into (kind == "heads")
+    unit: int = 1  # contiguous output elements that form one unit (a head, for kind == "heads")
+    inner: int = 0  # in_features of the linear that reads this output (kind == "ffn")
+
+
+@dataclass
+class Width:
+    size: int
+    kind: str
+    unit: int
+
+
+class Analysis:
+    def __init__(self, gm: fx.GraphModule):
+        self.gm = gm
+        self.graph = gm.graph
+        self.dataflow = nx.DiGraph()
+        for node in self.graph.nodes:
+            self.dataflow.add_node(node)
+            for inp in node.all_input_nodes:
+                self.dataflow.add_edge(inp, node)
+        self.placeholders = [n for n in self.graph.nodes if n.op == "placeholder"]
+        self.linears: dict[fx.Node, LinearInfo] = {}
+        for node in self.graph.nodes:
+            info = linear_info(gm, node)
+            if info is not None:
+                self.linears[node] = info
+        self.embeddings = [n for n in self.graph.nodes if op_name(n) == "embedding" and get_attr_tensor(gm, n.args[0]) is not None]
+        self.token_embedding = self._token_embedding()
+        d = shape(self.token_embedding)[-1]
+        # Position embeddings (learned) join the stream too; they share the model width.
+        self.stream_embeddings = [e for e in self.embeddings if shape(e)[-1] == d]
+        self.residual = self._residual_stream()
+        self.roles = {node: self._role(node) for node in self.linears}
+        self.logits_linear, self.final_hidden = self._final_hidden()
+
+    # -- discovery -----------------------------------------------------------------------------------
+    def _token_embedding(self) -> fx.Node:
+        ids = self.placeholders[0]
+        reach = nx.descendants(self.dataflow, ids)
+        for e in self.embeddings:
+            if e in reach:
+                return e
+        raise UnsupportedGraphError(ids, "no embedding lookup reads input_ids; cannot find the residual stream")
+
+    def _residual_stream(self) -> set[fx.Node]:
+        seen, todo = set(), list(self.stream_embeddings)
+        while todo:
+            n = todo.pop()
+            if n in seen:
+                continue
+            seen.add(n)
+            for u in n.users:
+                if op_name(u) in ELEMENTWISE_OPS and val(u) is not None:
+                    todo.append(u)
+        return seen
+
+    def _head_split(self, view: fx.Node, src: fx.Node):
+        """(heads, unit) if this view splits the last axis of `src` into [heads, unit...], else None."""
+        in_sh, out_sh = shape(src), shape(view)
+        for gi, gj in reshape_groups(in_sh, out_sh):
+            if len(in_sh) - 1 in gi:
+                sizes = numeric_shape([out_sh[j] for j in gj])
+                big = [s for s in sizes if s > 1]
+                if len(big) >= 2:
+                    lead = sizes.index(big[0])
+                    unit = 1
+                    for s in sizes[lead + 1:]:
+                        unit *= s
+                    return big[0], unit
+        return None
+
+    def _role(self, linear: fx.Node) -> Role:
+        found: list[Role] = []
+        todo, seen = [(linear, None)], set()
+        while todo:
+            n, split = todo.pop(0)
+            for u in n.users:
+                if u in seen:
+                    continue
+                name = op_name(u)
+                if u.op == "output":
+                    found.append(Role("none"))
+                    continue
+                info = self.linears.get(u)
+                if info is not None and info.x is n:
+                    found.append(Role("heads", *split) if split else Role("ffn", inner=info.in_features))
+                    continue
+                seen.add(u)
+                if name in ("add", "sub") and any(a in self.residual for a in u.all_input_nodes if a is not n):
+                    return Role("residual")
+                if name in ATTENTION_OPS and split:
+                    found.append(Role("heads", *split))
+                    continue
+                if name in RESHAPE_OPS and split is None:
+                    hs = self._head_split(u, n)
+                    if hs is not None:
+                        todo.append((u, hs))
+                        continue
+                if val(u) is not None or name in ("split", "split_with_sizes", "chunk", "unbind", "getitem"):
+                    todo.append((u, split))
+        for kind in ("heads", "ffn", "none"):
+            for r in found:
+                if r.kind == kind:
+                    return r
+        return Role("none")
+
+    def _final_hidden(self) -> tuple[fx.Node, fx.Node]:
+        out = next(n for n in self.graph.nodes if n.op == "output")
+        logits = out.args[0][0] if isinstance(out.args[0], (tuple, list)) else out.args[0]
+        n = logits
+        while n not in self.linears:
+            ins = [a for a in n.all_input_nodes if val(a) is not None]
+            if len(ins) != 1:
+                raise UnsupportedGraphError(logits, "cannot trace the logits back to the linear that produces them")
+            n = ins[0]
+        return n, self.linears[n].x
+
+    # -- sizing ----------------------------------------------------------------------------------------
+    def query_heads(self) -> int:
+        return max((r.heads for r in self.roles.values() if r.kind == "heads"), default=0)
+
+    def widths(self, spec: InsertSpec) -> dict[fx.Node, Width]:
+        """Companion width of every linear's output, from the spec and the linear's role."""
+        n_q = self.query_heads()
+        if n_q:
+            # Smallest extra_heads that keeps every head-split linear (k/v under GQA) whole.
+            step = 1
+            for node, r in self.roles.items():
+                if r.kind == "heads":
+                    need = n_q // gcd(n_q, r.heads)
+                    step = step * need // gcd(step, need)
+            if spec.extra_heads % step:
+                node = next(n for n, r in self.roles.items() if r.kind == "heads" and n_q % r.heads == 0 and r.heads != n_q) \
+                    if any(r.kind == "heads" and r.heads != n_q for r in self.roles.values()) else None
+                where = f" (e.g. {module_path(node)} has {self.roles[node].heads} heads)" if node is not None else ""
+                raise SpecError(
+                    "extra_heads",
+                    f"must be a multiple of {step}: the model has {n_q} query heads and fewer key/value heads{where}; "
+                    f"inserted query heads bring their own KV heads in the model's grouping, got {spec.extra_heads}",
+                )
+        out: dict[fx.Node, Width] = {}
+        for node, r in self.roles.items():
+            o = self.linears[node].out_features
+            if r.kind == "residual":
+                out[node] = Width(spec.extra_dim, "residual", 1)
+            elif r.kind == "heads":
+                out[node] = Width(int(Fraction(o * spec.extra_heads, n_q)), "heads", r.unit)
+            elif r.kind == "ffn":
+                size = Fraction(o * spec.extra_ffn, r.inner)
+                if size.denominator != 1:
+                    raise SpecError("extra_ffn", f"{spec.extra_ffn} does not split evenly over the fused linear "
+                                    f"'{module_path(node)}' ({o} outputs for {r.inner} units)")
+                out[node] = Width(int(size), "ffn", 1)
+            else:
+                out[node] = Width(0, "none", 1)
+        return out

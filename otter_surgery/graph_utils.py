@@ -1,0 +1,106 @@
+"""Small helpers over captured fx graphs: shapes from meta["val"], parameters behind get_attr nodes."""
+from __future__ import annotations
+
+from fractions import Fraction
+
+import sympy
+import torch
+import torch.fx as fx
+
+
+def val(node) -> torch.Tensor | None:
+    v = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return v if isinstance(v, torch.Tensor) else None
+
+
+def shape(node: fx.Node) -> tuple:
+    v = val(node)
+    if v is None:
+        raise KeyError(f"node {node.name} has no tensor meta")
+    return tuple(v.shape)
+
+
+def ndim(node: fx.Node) -> int:
+    return len(shape(node))
+
+
+def op_name(node: fx.Node) -> str:
+    """'add', 'linear', 'getitem', ...: the overload packet of an aten op, or the Python function name."""
+    t = node.target
+    packet = getattr(t, "overloadpacket", None)
+    if packet is not None:
+        return packet.__name__
+    return getattr(t, "__name__", str(t))
+
+
+def get_attr_tensor(gm: fx.GraphModule, node) -> torch.Tensor | None:
+    """The parameter or buffer behind a get_attr node, else None."""
+    if not isinstance(node, fx.Node) or node.op != "get_attr":
+        return None
+    obj = gm
+    for part in str(node.target).split("."):
+        obj = getattr(obj, part)
+    return obj if isinstance(obj, torch.Tensor) else None
+
+
+def concrete_size(s) -> int | None:
+    """An int for a static size, None for a symbolic one."""
+    if isinstance(s, torch.SymInt):
+        expr = s.node.expr
+        return int(expr) if expr.is_number else None
+    return int(s)
+
+
+_PRIMES = [10007, 10009, 10037, 10039, 10061, 10067, 10069, 10079]
+
+
+def numeric_shape(sh) -> list[int]:
+    """Sizes with every symbol replaced by a distinct large prime, so products can be compared."""
+    out = []
+    for s in sh:
+        if isinstance(s, torch.SymInt):
+            expr = s.node.expr
+            subs = {sym: _PRIMES[i % len(_PRIMES)] for i, sym in enumerate(sorted(expr.free_symbols, key=str))}
+            out.append(int(sympy.sympify(expr).subs(subs)))
+        else:
+            out.append(int(s))
+    return out
+
+
+def reshape_groups(in_shape, out_shape) -> list[tuple[list[int], list[int]]]:
+    """Pair up axes of a reshape: each group of input axes has the same number of elements as its output group."""
+    a, b = numeric_shape(in_shape), numeric_shape(out_shape)
+    i = j = 0
+    groups = []
+    while i < len(a) or j < len(b):
+        gi, gj, pi, pj = [], [], 1, 1
+        if i < len(a):
+            gi.append(i); pi *= a[i]; i += 1
+        if j < len(b):
+            gj.append(j); pj *= b[j]; j += 1
+        while pi != pj:
+            if (pi < pj and i < len(a)) or j >= len(b):
+                gi.append(i); pi *= a[i]; i += 1
+            else:
+                gj.append(j); pj *= b[j]; j += 1
+        groups.append((gi, gj))
+    return groups
+
+
+def leading_axis(group: list[int], sizes) -> int | None:
+    """First axis of a reshape group with more than one element (the one a companion may ride on)."""
+    for ax in group:
+        if numeric_shape([sizes[ax]])[0] != 1:
+            return ax
+    return group[0] if group else None
+
+
+def product(sizes) -> int:
+    p = 1
+    for s in numeric_shape(sizes):
+        p *= s
+    return p
+
+
+def frac_int(x: Fraction) -> int | None:
+    return x.numerator if x.denominator == 1 else None

@@ -1,0 +1,42 @@
+"""insert(): capture -> analyze -> passes -> OtterModel. The user's model is never modified."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .capture import capture
+from .model import OtterModel
+from .rewrite import Rewrite
+from .spec import InsertSpec
+
+
+def _freeze_shared(gm: torch.fx.GraphModule) -> None:
+    """Re-wrap base parameters as frozen Parameters over the *same storage*: no copy, no gradient into the
+    user's tensors, and the user's own requires_grad flags stay as they were. Tied weights stay tied."""
+    fresh: dict[int, nn.Parameter] = {}
+    for name, p in list(gm.named_parameters(remove_duplicate=False)):
+        if id(p) not in fresh:
+            fresh[id(p)] = nn.Parameter(p.detach(), requires_grad=False)
+        owner_name, _, leaf = name.rpartition(".")
+        owner = gm.get_submodule(owner_name) if owner_name else gm
+        setattr(owner, leaf, fresh[id(p)])
+
+
+def insert(model: nn.Module, spec: InsertSpec | None = None) -> OtterModel:
+    """Return a new module that computes `model`'s logits bit for bit plus the Otter signal(s) of `spec`.
+
+    Raises SpecError (a ValueError naming the field) for a spec that does not fit the model, and
+    UnsupportedGraphError (naming the node and module) for a graph pattern the analysis cannot widen.
+    """
+    from . import passes  # installed as otter_surgery.passes
+
+    spec = spec or InsertSpec()
+    captured = capture(model)
+    gm = captured.graph_module
+    _freeze_shared(gm)
+    ctx = Rewrite(gm, spec)
+    for step in passes.PIPELINE:
+        step(ctx)(gm)
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    return OtterModel(gm, spec, ("logits", *spec.signals), captured.takes_mask, dict(ctx.param_names))

@@ -1,0 +1,57 @@
+"""OtterModel: the rewritten graph plus the inserted parameters, called like the original model."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+from torch import nn
+from transformers.utils import ModelOutput
+
+from .spec import InsertSpec
+
+
+@dataclass
+class OtterOutput(ModelOutput):
+    """logits: the original model's logits, bit for bit. reward: [batch, seq] (or [batch, seq, n]).
+    calibration: [batch, seq, vocab] calibration logits (DExperts-style). Absent signals are None."""
+
+    logits: torch.Tensor | None = None
+    reward: torch.Tensor | None = None
+    calibration: torch.Tensor | None = None
+
+
+class OtterModel(nn.Module):
+    """One forward pass: original logits plus the signal. Base tensors are shared with the user's model
+    (same storage, 0 bytes copied) and frozen; only `inserted_parameters()` train."""
+
+    def __init__(self, graph_module: fx.GraphModule, spec: InsertSpec, outputs: tuple[str, ...],
+                 takes_mask: bool, param_names: dict[str, str]):
+        super().__init__()
+        self.graph_module = graph_module
+        self.spec = spec
+        self.outputs = outputs
+        self.takes_mask = takes_mask
+        self.param_names = param_names  # attribute in graph_module.otter -> readable dotted name
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **_ignored) -> OtterOutput:
+        if self.takes_mask:
+            if attention_mask is None:
+                attention_mask = torch.ones_like(input_ids)
+            values = self.graph_module(input_ids, attention_mask)
+        else:
+            values = self.graph_module(input_ids)
+        return OtterOutput(**dict(zip(self.outputs, values)))
+
+    def inserted_parameters(self) -> dict[str, nn.Parameter]:
+        """The trainable Otter parameters, by readable name (e.g. 'model.layers.0.mlp.up_proj.weight.inserted')."""
+        return {self.param_names[k]: p for k, p in self.graph_module.otter.named_parameters()}
+
+    def base_parameters(self) -> dict[str, torch.Tensor]:
+        inserted = {id(p) for p in self.graph_module.otter.parameters()}
+        return {k: p for k, p in self.graph_module.named_parameters(remove_duplicate=False) if id(p) not in inserted}
+
+    def parameter_counts(self) -> dict[str, int]:
+        base = sum(p.numel() for p in {id(p): p for p in self.base_parameters().values()}.values())
+        inserted = sum(p.numel() for p in self.inserted_parameters().values())
+        return {"base": base, "inserted": inserted}

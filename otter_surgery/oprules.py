@@ -1,0 +1,447 @@
+"""Per-op companion rules: how the inserted dims (the *companion* of a tensor) flow through each aten op.
+
+A companion is a tensor shaped like the original except along one axis (`Comp.axis`), where it holds the
+inserted dims. Concatenating original and companion along that axis gives the Otter-widened tensor, but the
+concatenation is never materialised for original values: original nodes are left as they are, and each rule
+only *adds* nodes that compute the companion. That is why original outputs stay bit-identical.
+
+A rule gets the rewrite context and an original node some of whose inputs have companions, and returns the
+node's companion (or None when the op drops the inserted dims, e.g. a norm statistic that must come from
+the original dims only). A new op is a new entry in RULES, never a new branch elsewhere.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, replace
+from fractions import Fraction
+from typing import Callable, Protocol
+
+import torch
+import torch.fx as fx
+
+from .errors import UnsupportedGraphError
+from .graph_utils import frac_int, get_attr_tensor, leading_axis, ndim, numeric_shape, op_name, reshape_groups, shape, val
+
+aten = torch.ops.aten
+
+
+@dataclass
+class Comp:
+    node: fx.Node  # the companion tensor (or list of tensors, see `sizes`)
+    axis: int  # non-negative axis of the original tensor along which the inserted dims lie
+    size: int  # number of inserted dims along `axis`
+    kind: str  # "residual" | "heads" | "ffn": what the inserted dims are
+    unit: int = 1  # contiguous elements along `axis` that form one copyable unit (a head's width, ...)
+    sizes: list[int] | None = None  # per-item sizes when `node` is a list (split/chunk)
+
+
+@dataclass
+class LinearInfo:
+    x: fx.Node
+    weight: fx.Node
+    bias: fx.Node | None
+    in_features: int
+    out_features: int
+    transposed: bool  # weight stored [in, out] (addmm / mm, e.g. GPT-2's Conv1D)
+
+
+def linear_info(gm: fx.GraphModule, node: fx.Node) -> LinearInfo | None:
+    """A linear map with a parameter weight: aten.linear, or addmm/mm with a parameter right operand."""
+    name = op_name(node)
+    if name == "linear":
+        x, w = node.args[0], node.args[1]
+        b = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        t = get_attr_tensor(gm, w)
+        if t is None or t.dim() != 2:
+            return None
+        return LinearInfo(x, w, b, t.shape[1], t.shape[0], False)
+    if name in ("addmm", "mm"):
+        b, x, w = (node.args[0], node.args[1], node.args[2]) if name == "addmm" else (None, node.args[0], node.args[1])
+        t = get_attr_tensor(gm, w)
+        if t is None or t.dim() != 2:
+            return None
+        return LinearInfo(x, w, b, t.shape[0], t.shape[1], True)
+    return None
+
+
+class Context(Protocol):
+    gm: fx.GraphModule
+    comps: dict[fx.Node, Comp]
+
+    def emit(self, target, args, kwargs=None) -> fx.Node: ...
+    def companion_param(self, attr: fx.Node, axis: int, size: int, unit: int) -> fx.Node: ...
+    def linear_params(self, node: fx.Node, info: LinearInfo, comp_in: Comp) -> tuple[fx.Node, fx.Node | None, "Comp"] | None: ...
+
+
+RULES: dict[str, Callable[[Context, fx.Node], Comp | None]] = {}
+
+
+def rule(*names: str):
+    def register(fn):
+        for n in names:
+            RULES[n] = fn
+        return fn
+    return register
+
+
+def _fail(node: fx.Node, reason: str):
+    raise UnsupportedGraphError(node, reason)
+
+
+def _norm_dim(d: int, nd: int) -> int:
+    return d + nd if d < 0 else d
+
+
+def _sub_arg(args, old: fx.Node, new) -> tuple:
+    return tuple(new if a is old else a for a in args)
+
+
+def _single_comp(ctx: Context, node: fx.Node) -> tuple[fx.Node, Comp]:
+    src = node.args[0]
+    return src, ctx.comps[src]
+
+
+# -- elementwise ---------------------------------------------------------------------------------------
+
+ELEMENTWISE_OPS = {
+    "add", "sub", "mul", "div", "neg", "rsqrt", "sqrt", "pow", "exp", "log", "tanh", "sigmoid", "silu", "gelu",
+    "relu", "erf", "abs", "reciprocal", "square", "clamp", "minimum", "maximum", "where", "masked_fill",
+    "to", "_to_copy", "type_as", "clone", "alias", "contiguous", "detach", "dropout", "softplus", "hardtanh",
+    "leaky_relu", "elu", "mish", "gelu_", "relu_", "native_dropout", "lift_fresh_copy", "copy",
+}
+
+
+class _ZeroOperand(Exception):
+    def __init__(self, arg: fx.Node):
+        self.arg = arg
+
+
+@rule(*ELEMENTWISE_OPS)
+def elementwise(ctx: Context, node: fx.Node) -> Comp | None:
+    """Broadcasting elementwise op. Inputs with a companion contribute it; inputs broadcast along the
+    companion axis (norm statistics, RoPE tables) are reused as they are; parameters spanning the axis
+    (norm scales/biases) get an inserted slice of their own."""
+    out_nd = ndim(node)
+    ins = [a for a in node.all_input_nodes if a in ctx.comps]
+    axes = {ctx.comps[a].axis + out_nd - ndim(a) for a in ins}
+    sizes = {ctx.comps[a].size for a in ins}
+    if len(axes) != 1 or len(sizes) != 1:
+        _fail(node, f"inputs carry inserted dims on different axes/sizes {sorted(axes)}/{sorted(sizes)}")
+    ax, size = axes.pop(), sizes.pop()
+    first = ctx.comps[ins[0]]
+
+    def widen(a):
+        if not isinstance(a, fx.Node) or val(a) is None:
+            return a
+        if a in ctx.comps:
+            return ctx.comps[a].node
+        a_ax = ax - (out_nd - ndim(a))
+        if a_ax < 0 or numeric_shape([shape(a)[a_ax]])[0] == 1:
+            return a  # broadcast along the inserted axis: shared as is
+        if get_attr_tensor(ctx.gm, a) is not None:
+            return ctx.companion_param(a, a_ax, size, first.unit)
+        raise _ZeroOperand(a)
+
+    try:
+        args = tuple(widen(a) for a in node.args)
+        kwargs = {k: widen(v) for k, v in node.kwargs.items()}
+    except _ZeroOperand as z:
+        # A full-width operand without inserted dims contributes zeros to them: fine for a sum.
+        name = op_name(node)
+        if name == "add" and len(node.args) == 2 and not node.kwargs:
+            return first
+        if name == "sub" and len(node.args) == 2 and node.args[0] in ctx.comps and not node.kwargs:
+            return first
+        _fail(node, f"operand '{z.arg.name}' spans the inserted axis but carries no inserted dims; "
+                    f"only a sum may treat it as zero")
+    return replace(first, node=ctx.emit(node.target, args, kwargs), axis=ax, sizes=None)
+
+
+# -- reductions: statistics come from the original dims only --------------------------------------------
+
+@rule("mean", "sum", "var", "std", "amax", "amin", "var_mean", "logsumexp")
+def reduction(ctx: Context, node: fx.Node) -> Comp | None:
+    """A reduction over the inserted axis (a norm's mean/variance) is computed from the original dims only:
+    the original node is already that, so it gets no companion and is broadcast back by `elementwise`."""
+    src, c = _single_comp(ctx, node)
+    nd = ndim(src)
+    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    if dims is None:
+        return None
+    dims = [dims] if isinstance(dims, int) else list(dims)
+    dims = [_norm_dim(d, nd) for d in dims]
+    if c.axis in dims or not dims:
+        return None
+    keep = node.args[2] if len(node.args) > 2 and isinstance(node.args[2], bool) else node.kwargs.get("keepdim", False)
+    axis = c.axis if keep else c.axis - sum(d < c.axis for d in dims)
+    return replace(c, node=ctx.emit(node.target, _sub_arg(node.args, src, c.node), dict(node.kwargs)), axis=axis)
+
+
+@rule("_softmax", "softmax", "_log_softmax", "log_softmax")
+def softmax(ctx: Context, node: fx.Node) -> Comp | None:
+    src, c = _single_comp(ctx, node)
+    if _norm_dim(node.args[1], ndim(src)) == c.axis:
+        _fail(node, "softmax over the inserted axis would mix inserted and original dims")
+    return replace(c, node=ctx.emit(node.target, _sub_arg(node.args, src, c.node), dict(node.kwargs)))
+
+
+# -- layout ops ---------------------------------------------------------------------------------------
+
+RESHAPE_OPS = {"view", "reshape", "_unsafe_view"}
+
+
+@rule(*RESHAPE_OPS)
+def reshape(ctx: Context, node: fx.Node) -> Comp | None:
+    """Split/merge of axes. The inserted dims must ride on the leading axis of their reshape group, so that
+    [orig ; inserted] along that axis reshapes to [orig ; inserted] (e.g. [n*hd] <-> [n, hd] for heads)."""
+    src, c = _single_comp(ctx, node)
+    in_sh, out_sh = shape(src), shape(node)
+    for gi, gj in reshape_groups(in_sh, out_sh):
+        if c.axis not in gi:
+            continue
+        if leading_axis(gi, in_sh) != c.axis:
+            _fail(node, "the inserted axis is not the leading axis of the merged group; "
+                        "merging would interleave inserted and original dims")
+        t = leading_axis(gj, out_sh)
+        ratio = Fraction(c.size, numeric_shape([in_sh[c.axis]])[0])
+        new_size = frac_int(ratio * numeric_shape([out_sh[t]])[0])
+        if new_size is None:
+            _fail(node, f"{c.size} inserted dims do not fill whole units of the reshaped axis {t}")
+        target = list(node.args[1])
+        if not (isinstance(target[t], int) and target[t] == -1):
+            if isinstance(target[t], fx.Node):
+                _fail(node, "the reshaped inserted axis has a symbolic size")
+            target[t] = new_size
+        merged = 1
+        for a in gi[gi.index(c.axis) + 1:]:
+            merged *= numeric_shape([in_sh[a]])[0]
+        split = 1
+        for a in gj[gj.index(t) + 1:]:
+            split *= numeric_shape([out_sh[a]])[0]
+        unit = max(1, c.unit * merged // split)
+        # reshape (not view): a companion may be non-contiguous where the original is not.
+        return replace(c, node=ctx.emit(aten.reshape.default, (c.node, target)), axis=t, size=new_size, unit=unit)
+    _fail(node, "cannot map the inserted axis through this reshape")
+
+
+@rule("expand")
+def expand(ctx: Context, node: fx.Node) -> Comp | None:
+    src, c = _single_comp(ctx, node)
+    sizes = list(node.args[1])
+    axis = c.axis + len(sizes) - ndim(src)
+    if not (isinstance(sizes[axis], int) and sizes[axis] == -1):
+        sizes[axis] = c.size
+    return replace(c, node=ctx.emit(node.target, (c.node, sizes, *node.args[2:]), dict(node.kwargs)), axis=axis)
+
+
+@rule("unsqueeze")
+def unsqueeze(ctx: Context, node: fx.Node) -> Comp | None:
+    src, c = _single_comp(ctx, node)
+    d = _norm_dim(node.args[1], ndim(src) + 1)
+    return replace(c, node=ctx.emit(node.target, (c.node, node.args[1])), axis=c.axis + (d <= c.axis))
+
+
+@rule("squeeze")
+def squeeze(ctx: Context, node: fx.Node) -> Comp | None:
+    src, c = _single_comp(ctx, node)
+    in_sh = numeric_shape(shape(src))
+    if len(node.args) > 1:
+        dims = node.args[1] if isinstance(node.args[1], (list, tuple)) else [node.args[1]]
+        dims = [_norm_dim(d, len(in_sh)) for d in dims]
+    else:
+        dims = list(range(len(in_sh)))
+    removed = [d for d in dims if in_sh[d] == 1]
+    if c.axis in removed:
+        _fail(node, "squeezes the inserted axis")
+    return replace(c, node=ctx.emit(node.target, (c.node, *node.args[1:])), axis=c.axis - sum(d < c.axis for d in removed))
+
+
+@rule("transpose", "t", "permute")
+def permute(ctx: Context, node: fx.Node) -> Comp | None:
+    src, c = _single_comp(ctx, node)
+    nd = ndim(src)
+    name = op_name(node)
+    if name == "permute":
+        order = [_norm_dim(d, nd) for d in node.args[1]]
+    else:
+        d0, d1 = (0, 1) if name == "t" else (_norm_dim(node.args[1], nd), _norm_dim(node.args[2], nd))
+        order = list(range(nd))
+        order[d0], order[d1] = order[d1], order[d0]
+    return replace(c, node=ctx.emit(node.target, (c.node, *node.args[1:])), axis=order.index(c.axis))
+
+
+@rule("slice")
+def slice_(ctx: Context, node: fx.Node) -> Comp | None:
+    src, c = _single_comp(ctx, node)
+    dim = _norm_dim(node.args[1] if len(node.args) > 1 else 0, ndim(src))
+    if dim == c.axis:
+        if numeric_shape(shape(node))[dim] == numeric_shape(shape(src))[dim]:
+            return c  # a full slice: nothing to do
+        _fail(node, "slices the inserted axis")
+    return replace(c, node=ctx.emit(node.target, (c.node, *node.args[1:]), dict(node.kwargs)))
+
+
+@rule("select")
+def select(ctx: Context, node: fx.Node) -> Comp | None:
+    src, c = _single_comp(ctx, node)
+    dim = _norm_dim(node.args[1], ndim(src))
+    if dim == c.axis:
+        _fail(node, "selects along the inserted axis")
+    return replace(c, node=ctx.emit(node.target, (c.node, *node.args[1:])), axis=c.axis - (dim < c.axis))
+
+
+@rule("cat")
+def cat(ctx: Context, node: fx.Node) -> Comp | None:
+    tensors = node.args[0]
+    dim = _norm_dim(node.args[1] if len(node.args) > 1 else 0, ndim(node))
+    comps = [ctx.comps.get(t) for t in tensors]
+    if any(cp is None for cp in comps):
+        _fail(node, "concatenates tensors with and without inserted dims")
+    if len({cp.axis for cp in comps}) != 1 or comps[0].axis == dim:
+        _fail(node, "concatenates along the inserted axis")
+    return replace(comps[0], node=ctx.emit(node.target, ([cp.node for cp in comps], node.args[1] if len(node.args) > 1 else 0)))
+
+
+@rule("split", "split_with_sizes", "chunk", "unbind")
+def split(ctx: Context, node: fx.Node) -> Comp | None:
+    """Along another axis: split the companion the same way. Along the inserted axis (fused qkv, fused
+    gate_up): split the companion in the same proportions, so each part gets its own inserted dims."""
+    src, c = _single_comp(ctx, node)
+    name = op_name(node)
+    nd = ndim(src)
+    dim_default = 0
+    dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", dim_default)
+    if name == "unbind":
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    dim = _norm_dim(dim, nd)
+    pieces = node.meta["val"]
+    if dim != c.axis:
+        new = ctx.emit(node.target, (c.node, *node.args[1:]), dict(node.kwargs))
+        axis = c.axis - (dim < c.axis) if name == "unbind" else c.axis
+        return replace(c, node=new, axis=axis, sizes=[c.size] * len(pieces))
+    if name == "unbind":
+        _fail(node, "unbinds the inserted axis")
+    total = numeric_shape([shape(src)[dim]])[0]
+    sizes = [frac_int(Fraction(numeric_shape([p.shape[dim]])[0] * c.size, total)) for p in pieces]
+    if any(s is None for s in sizes):
+        _fail(node, f"{c.size} inserted dims do not split in the proportions of this fused output")
+    new = ctx.emit(aten.split_with_sizes.default, (c.node, sizes, dim))
+    return replace(c, node=new, sizes=sizes)
+
+
+@rule("getitem")
+def getitem(ctx: Context, node: fx.Node) -> Comp | None:
+    src, c = _single_comp(ctx, node)
+    if c.sizes is None:
+        _fail(node, "indexes a tensor with inserted dims")
+    i = node.args[1]
+    return replace(c, node=ctx.emit(operator.getitem, (c.node, i)), size=c.sizes[i], sizes=None)
+
+
+# -- attention ------------------------------------------------------------------------------------------
+
+ATTENTION_OPS = {"scaled_dot_product_attention", "matmul", "bmm"}
+
+
+@rule("scaled_dot_product_attention")
+def sdpa(ctx: Context, node: fx.Node) -> Comp | None:
+    """Inserted heads attend like any head: same mask, same scale; heads are independent in SDPA, so the
+    original heads' outputs are the original node's, untouched."""
+    q, k, v = node.args[:3]
+    cq, ck, cv = (ctx.comps.get(t) for t in (q, k, v))
+    head_axis = ndim(q) - 3
+    if cq is None or ck is None or cv is None or {cq.axis, ck.axis, cv.axis} != {head_axis}:
+        _fail(node, "inserted heads must come with their own query, key and value heads")
+    mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
+    if isinstance(mask, fx.Node) and ndim(mask) == ndim(q) and numeric_shape(shape(mask))[head_axis] != 1:
+        _fail(node, "the attention mask differs per head; cannot give it to inserted heads")
+    return replace(cq, node=ctx.emit(node.target, (cq.node, ck.node, cv.node, *node.args[3:]), dict(node.kwargs)))
+
+
+@rule("matmul", "bmm")
+def batched_matmul(ctx: Context, node: fx.Node) -> Comp | None:
+    """Explicit attention (q @ k^T, p @ v): inserted heads ride on a batch axis of both operands."""
+    a, b = node.args[:2]
+    ca, cb = ctx.comps.get(a), ctx.comps.get(b)
+    if ca is None or cb is None:
+        _fail(node, "a matmul between a tensor with inserted heads and one without")
+    nd = ndim(node)
+    if ca.axis + nd - ndim(a) != cb.axis + nd - ndim(b) or ca.axis >= ndim(a) - 2:
+        _fail(node, "the inserted dims are not on a shared batch axis of the matmul")
+    return replace(ca, node=ctx.emit(node.target, (ca.node, cb.node)), axis=ca.axis + nd - ndim(a))
+
+
+# -- linear maps: the block matrix [[W, 0], [A, B]] in side-car form ----------------------------------
+
+@rule("linear", "addmm", "mm")
+def linear(ctx: Context, node: fx.Node) -> Comp | None:
+    """y = W x stays the original node (the zero block: inserted inputs never reach original outputs);
+    the inserted outputs are y_e = [A B] [x ; x_e], one new GEMM reading original and inserted inputs."""
+    info = linear_info(ctx.gm, node)
+    if info is None:
+        _fail(node, "a matrix product whose weight is not a parameter reads inserted dims")
+    c = ctx.comps.get(info.x)
+    if c is None:
+        _fail(node, "inserted dims reach a linear's weight or bias, not its input")
+    if c.axis != ndim(info.x) - 1:
+        _fail(node, "the inserted dims are not on the linear's input features axis")
+    made = ctx.linear_params(node, info, c)
+    if made is None:
+        return None  # the output dim is not widened (lm_head, or a zero-width spec field)
+    w_e, b_e, out = made
+    x_cat = ctx.emit(aten.cat.default, ([info.x, c.node], -1))
+    name = op_name(node)
+    if name == "linear":
+        y = ctx.emit(aten.linear.default, (x_cat, w_e, b_e))
+    elif b_e is not None:
+        y = ctx.emit(aten.addmm.default, (b_e, x_cat, w_e), dict(node.kwargs))
+    else:
+        y = ctx.emit(aten.mm.default, (x_cat, w_e))
+    return replace(out, node=y)
+
+
+# -- norms that hide their statistics -------------------------------------------------------------------
+
+@rule("layer_norm")
+def layer_norm(ctx: Context, node: fx.Node) -> Comp | None:
+    """LayerNorm on original dims: mean and rstd come from a native_layer_norm of the *original* input
+    (the original layer_norm node is left alone); inserted dims are (x_e - mean) * rstd * w_e + b_e."""
+    x, normalized_shape = node.args[0], node.args[1]
+    c = ctx.comps[x]
+    if c.axis != ndim(x) - 1 or len(normalized_shape) != 1:
+        _fail(node, "LayerNorm over more than the last (inserted) axis")
+    w = node.args[2] if len(node.args) > 2 else node.kwargs.get("weight")
+    b = node.args[3] if len(node.args) > 3 else node.kwargs.get("bias")
+    eps = node.args[4] if len(node.args) > 4 else node.kwargs.get("eps", 1e-5)
+    stats = ctx.emit(aten.native_layer_norm.default, (x, normalized_shape, None, None, eps))
+    mean = ctx.emit(operator.getitem, (stats, 1))
+    rstd = ctx.emit(operator.getitem, (stats, 2))
+    e = ctx.emit(aten.mul.Tensor, (ctx.emit(aten.sub.Tensor, (c.node, mean)), rstd))
+    if isinstance(w, fx.Node):
+        e = ctx.emit(aten.mul.Tensor, (e, ctx.companion_param(w, 0, c.size, c.unit)))
+    if isinstance(b, fx.Node):
+        e = ctx.emit(aten.add.Tensor, (e, ctx.companion_param(b, 0, c.size, c.unit)))
+    e = ctx.emit(aten.to.dtype, (e, val(node).dtype))
+    return replace(c, node=e)
+
+
+@rule("rms_norm")
+def rms_norm(ctx: Context, node: fx.Node) -> Comp | None:
+    """Fused RMSNorm: rstd recomputed from the original input only; inserted dims are x_e * rstd * w_e."""
+    x, normalized_shape = node.args[0], node.args[1]
+    c = ctx.comps[x]
+    if c.axis != ndim(x) - 1 or len(normalized_shape) != 1:
+        _fail(node, "RMSNorm over more than the last (inserted) axis")
+    w = node.args[2] if len(node.args) > 2 else node.kwargs.get("weight")
+    eps = node.args[3] if len(node.args) > 3 else node.kwargs.get("eps")
+    dtype = val(node).dtype
+    if eps is None:
+        eps = torch.finfo(val(x).dtype).eps
+    xf = ctx.emit(aten.to.dtype, (x, torch.float32))
+    ms = ctx.emit(aten.mean.dim, (ctx.emit(aten.pow.Tensor_Scalar, (xf, 2)), [-1], True))
+    rstd = ctx.emit(aten.rsqrt.default, (ctx.emit(aten.add.Tensor, (ms, eps)),))
+    e = ctx.emit(aten.mul.Tensor, (ctx.emit(aten.to.dtype, (c.node, torch.float32)), rstd))
+    e = ctx.emit(aten.to.dtype, (e, dtype))
+    if isinstance(w, fx.Node):
+        e = ctx.emit(aten.mul.Tensor, (e, ctx.companion_param(w, 0, c.size, c.unit)))
+    return replace(c, node=e)

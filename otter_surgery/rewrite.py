@@ -1,0 +1,100 @@
+"""The rewrite context shared by the passes: where new nodes go, how inserted parameters are created.
+
+Inserted parameters live in one submodule, `otter`, of the graph module; base parameters are never
+copied, and every original node keeps its target, args and kwargs (checked by `assert_originals_untouched`).
+"""
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from . import init as inits
+from .analyze import Analysis, Width
+from .errors import OtterError, module_path
+from .graph_utils import get_attr_tensor
+from .oprules import Comp, LinearInfo
+from .spec import InsertSpec
+
+
+def _signature(node: fx.Node) -> tuple:
+    return (node.name, node.op, str(node.target), repr(node.args), repr(node.kwargs))
+
+
+class Rewrite:
+    def __init__(self, gm: fx.GraphModule, spec: InsertSpec):
+        self.gm = gm
+        self.graph = gm.graph
+        self.spec = spec
+        self.analysis = Analysis(gm)
+        self.widths: dict[fx.Node, Width] = self.analysis.widths(spec)
+        self.comps: dict[fx.Node, Comp] = {}
+        self.originals = [n for n in self.graph.nodes]
+        self._snapshot = {n: _signature(n) for n in self.originals if n.op != "output"}
+        self.cursor: fx.Node = next(iter(self.graph.nodes))
+        self.generator = torch.Generator().manual_seed(spec.seed)
+        if not hasattr(gm, "otter"):
+            gm.add_module("otter", nn.Module())
+        self.params: nn.Module = gm.otter
+        self.param_names: dict[str, str] = {}  # attribute name in gm.otter -> readable dotted name
+        self._slices: dict[tuple, fx.Node] = {}
+        self.signal_nodes: dict[str, fx.Node] = {}
+
+    # -- nodes ---------------------------------------------------------------------------------------------
+    def emit(self, target, args, kwargs=None) -> fx.Node:
+        with self.graph.inserting_before(self.cursor):
+            return self.graph.call_function(target, tuple(args), dict(kwargs or {}))
+
+    def new_param(self, name: str, value: torch.Tensor, dtype: torch.dtype, device) -> fx.Node:
+        attr = re.sub(r"[^0-9a-zA-Z_]", "_", name)
+        while hasattr(self.params, attr):
+            attr += "_"
+        self.params.register_parameter(attr, nn.Parameter(value.to(device=device, dtype=dtype).contiguous()))
+        self.param_names[attr] = name
+        with self.graph.inserting_before(self.cursor):
+            return self.graph.get_attr(f"otter.{attr}")
+
+    # -- inserted parameters --------------------------------------------------------------------------
+    def _readable(self, attr: fx.Node) -> str:
+        return str(attr.target).removeprefix("m.")
+
+    def companion_param(self, attr: fx.Node, axis: int, size: int, unit: int) -> fx.Node:
+        """The inserted slice of an elementwise parameter (a norm scale or bias), one per parameter."""
+        key = (attr, axis, size)
+        if key not in self._slices:
+            p = get_attr_tensor(self.gm, attr)
+            index = inits.spread_index(p.shape[axis], size, unit)
+            value = inits.slice_of(p, axis, index, self.spec.init, self.generator)
+            self._slices[key] = self.new_param(self._readable(attr) + ".inserted", value, p.dtype, p.device)
+        return self._slices[key]
+
+    def linear_params(self, node: fx.Node, info: LinearInfo, comp_in: Comp):
+        width = self.widths[node]
+        if width.size == 0:
+            return None
+        w = get_attr_tensor(self.gm, info.weight)
+        w_oi = w.t() if info.transposed else w
+        rows = inits.spread_index(info.out_features, width.size, width.unit)
+        cols = inits.spread_index(info.in_features, comp_in.size, comp_in.unit)
+        block = inits.linear_block(w_oi, rows, cols, self.spec.init, self.generator)
+        if info.transposed:
+            block = block.t()
+        name = self._readable(info.weight)
+        w_e = self.new_param(name + ".inserted", block, w.dtype, w.device)
+        b_e = None
+        b = get_attr_tensor(self.gm, info.bias) if info.bias is not None else None
+        if info.bias is not None and b is None:
+            raise OtterError(f"linear '{module_path(node)}' has a computed bias; only parameter biases are supported")
+        if b is not None:
+            b_e = self.new_param(self._readable(info.bias) + ".inserted", inits.linear_bias(b, rows, self.spec.init), b.dtype, b.device)
+        out = Comp(node=node, axis=len(node.meta["val"].shape) - 1, size=width.size, kind=width.kind, unit=width.unit)
+        return w_e, b_e, out
+
+    # -- invariants ---------------------------------------------------------------------------------------
+    def assert_originals_untouched(self) -> None:
+        live = set(self.graph.nodes)
+        for node, sig in self._snapshot.items():
+            if node not in live or _signature(node) != sig:
+                raise OtterError(f"internal error: original node '{node.name}' was changed by a pass")

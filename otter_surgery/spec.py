@@ -1,0 +1,66 @@
+"""InsertSpec: what to insert. Validated on construction; model-dependent checks happen in insert()."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from .errors import SpecError
+
+SIGNALS = ("reward", "calibration")
+INITS = ("copy", "normal", "random")
+
+
+@dataclass(frozen=True)
+class InsertSpec:
+    """Sizes of the inserted parameters and the signal they feed.
+
+    extra_dim:   width d_a of the inserted residual dims e (the hidden state becomes [h ; e]).
+    extra_heads: inserted query heads per attention layer. Under GQA they bring their own KV heads in
+                 the model's own grouping, so it must be a multiple of (query heads / KV heads).
+    extra_ffn:   inserted intermediate units per FFN.
+    signal:      "reward" (n_rewards scalars per position), "calibration" (vocab-sized logits), or both
+                 as a tuple.
+    n_rewards:   number of reward outputs; out.reward is [batch, seq] for 1, [batch, seq, n] otherwise.
+    init:        "copy" (inserted units copy slices of existing ones, the paper's choice), "normal", "random".
+    seed:        seeds the initialisation, so two insert() calls with the same spec give the same model.
+    """
+
+    extra_dim: int = 64
+    extra_heads: int = 1
+    extra_ffn: int = 128
+    signal: str | tuple[str, ...] = "reward"
+    n_rewards: int = 1
+    init: str = "copy"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("extra_dim", "extra_heads", "extra_ffn", "n_rewards", "seed"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise SpecError(name, f"must be an int, got {value!r}")
+        if self.extra_dim < 1:
+            raise SpecError("extra_dim", f"must be >= 1 (the inserted residual width), got {self.extra_dim}")
+        for name in ("extra_heads", "extra_ffn", "seed"):
+            if getattr(self, name) < 0:
+                raise SpecError(name, f"must be >= 0, got {getattr(self, name)}")
+        if self.n_rewards < 1:
+            raise SpecError("n_rewards", f"must be >= 1, got {self.n_rewards}")
+        if not self.signals or any(s not in SIGNALS for s in self.signals):
+            raise SpecError("signal", f"must be one of {SIGNALS} or a tuple of them, got {self.signal!r}")
+        if self.init not in INITS:
+            raise SpecError("init", f"must be one of {INITS}, got {self.init!r}")
+
+    @property
+    def signals(self) -> tuple[str, ...]:
+        return (self.signal,) if isinstance(self.signal, str) else tuple(self.signal)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["signal"] = list(self.signals) if not isinstance(self.signal, str) else self.signal
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "InsertSpec":
+        d = dict(d)
+        if isinstance(d.get("signal"), list):
+            d["signal"] = tuple(d["signal"])
+        return cls(**d)

@@ -1,0 +1,13 @@
+"""Insertion passes, in the order insert() runs them. Each keeps one invariant, stated in its docstring.
+
+1. SeedResidual          - widen the residual stream: embeddings get inserted columns e.
+2. PropagateCompanions   - carry e through every op (norms, heads, o-proj, FFN) by the per-op rules.
+3. SignalHeads           - read the final [h ; e] into the reward / calibration heads; add them as outputs.
+"""
+from .propagate_companions import PropagateCompanions
+from .seed_residual import SeedResidual
+from .signal_heads import SignalHeads
+
+__all__ = ["SeedResidual", "PropagateCompanions", "SignalHeads", "PIPELINE"]
+
+PIPELINE = (SeedResidual, PropagateCompanions, SignalHeads)

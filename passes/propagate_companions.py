@@ -1,0 +1,51 @@
+"""Carry the inserted dims through the whole graph, op by op (rules in otter_surgery.oprules).
+
+Invariant: only new nodes are added; each original node keeps its target and inputs. Inserted dims never
+flow into an original node, so every original value, logits included, is bit-identical. Norm statistics
+stay those of the original dims (reductions get no companion), inserted heads attend with the original
+mask and positions, and linears become [[W, 0], [A, B]] in side-car form.
+An op with inserted dims on an input and no rule stops the insertion with an error naming the node.
+"""
+from __future__ import annotations
+
+import torch.fx as fx
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
+
+from otter_surgery.errors import UnsupportedGraphError
+from otter_surgery.graph_utils import op_name
+from otter_surgery.oprules import RULES
+from otter_surgery.rewrite import Rewrite
+
+# Ops that only inspect a tensor (shapes, metadata checks) and never need inserted dims.
+_INSPECTORS = {"sym_size", "sym_numel", "sym_stride", "_assert_tensor_metadata", "_assert_scalar"}
+
+
+class PropagateCompanions(PassBase):
+    def __init__(self, ctx: Rewrite):
+        super().__init__()
+        self.ctx = ctx
+
+    def requires(self, gm: fx.GraphModule) -> None:
+        assert self.ctx.comps, "SeedResidual must run first: no tensor carries inserted dims yet"
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        ctx = self.ctx
+        for node in ctx.originals:
+            if node.op != "call_function" or node in ctx.comps:
+                continue
+            if not any(a in ctx.comps for a in node.all_input_nodes):
+                continue
+            name = op_name(node)
+            if name in _INSPECTORS or not node.users:
+                continue
+            fn = RULES.get(name)
+            if fn is None:
+                raise UnsupportedGraphError(node, f"no rule for how inserted dims flow through '{name}'")
+            ctx.cursor = node.next
+            comp = fn(ctx, node)
+            if comp is not None:
+                ctx.comps[node] = comp
+        return PassResult(gm, True)
+
+    def ensures(self, gm: fx.GraphModule) -> None:
+        self.ctx.assert_originals_untouched()

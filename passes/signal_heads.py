@@ -1,0 +1,63 @@
+"""Signal heads on the final hidden state [h ; e] (the input of the linear that produces the logits).
+
+Invariant: the graph's first output is still the original logits node; the heads are new outputs after it.
+- reward: n_rewards scalars per position (a value head with bias) -> [batch, seq] or [batch, seq, n];
+- calibration: vocab-sized calibration logits (DExperts-style), no bias.
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
+
+from otter_surgery import init as inits
+from otter_surgery.errors import UnsupportedGraphError
+from otter_surgery.graph_utils import shape, val
+from otter_surgery.rewrite import Rewrite
+
+aten = torch.ops.aten
+
+
+class SignalHeads(PassBase):
+    def __init__(self, ctx: Rewrite):
+        super().__init__()
+        self.ctx = ctx
+
+    def requires(self, gm: fx.GraphModule) -> None:
+        hidden = self.ctx.analysis.final_hidden
+        if hidden not in self.ctx.comps:
+            raise UnsupportedGraphError(hidden, "the inserted dims do not reach the final hidden state")
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        ctx = self.ctx
+        hidden = ctx.analysis.final_hidden
+        comp = ctx.comps[hidden]
+        out = next(n for n in gm.graph.nodes if n.op == "output")
+        logits = out.args[0][0] if isinstance(out.args[0], (tuple, list)) else out.args[0]
+        ctx.cursor = out
+        d = shape(hidden)[-1]
+        width = d + comp.size
+        dtype, device = val(hidden).dtype, val(hidden).device
+        x = ctx.emit(aten.cat.default, ([hidden, comp.node], -1))
+        for signal in ctx.spec.signals:
+            if signal == "reward":
+                n = ctx.spec.n_rewards
+                w = ctx.new_param("reward_head.weight", inits.head(n, width, ctx.generator), dtype, device)
+                b = ctx.new_param("reward_head.bias", torch.zeros(n), dtype, device)
+                y = ctx.emit(aten.linear.default, (x, w, b))
+                if n == 1:
+                    y = ctx.emit(aten.squeeze.dim, (y, -1))
+            else:
+                vocab = int(shape(logits)[-1])
+                w = ctx.new_param("calibration_head.weight", inits.head(vocab, width, ctx.generator), dtype, device)
+                y = ctx.emit(aten.linear.default, (x, w))
+            ctx.signal_nodes[signal] = y
+        out.args = ((logits, *ctx.signal_nodes.values()),)
+        gm.graph.lint()
+        gm.recompile()
+        return PassResult(gm, True)
+
+    def ensures(self, gm: fx.GraphModule) -> None:
+        self.ctx.assert_originals_untouched()
+        out = next(n for n in gm.graph.nodes if n.op == "output")
+        assert out.args[0][0] is self.ctx.analysis.logits_linear or out.args[0][0] in self.ctx.originals
