@@ -18,7 +18,7 @@ import networkx as nx
 import torch.fx as fx
 
 from .errors import SpecError, UnsupportedGraphError, module_path
-from .graph_utils import get_attr_tensor, numeric_shape, op_name, reshape_groups, shape, val
+from .graph_utils import get_attr_tensor, numeric_shape, op_name, product, reshape_groups, shape, val
 from .oprules import ATTENTION_OPS, ELEMENTWISE_OPS, RESHAPE_OPS, LinearInfo, linear_info
 from .spec import InsertSpec
 
@@ -87,15 +87,8 @@ class Analysis:
         """(heads, unit) if this view splits the last axis of `src` into [heads, unit...], else None."""
         in_sh, out_sh = shape(src), shape(view)
         for gi, gj in reshape_groups(in_sh, out_sh):
-            if len(in_sh) - 1 in gi:
-                sizes = numeric_shape([out_sh[j] for j in gj])
-                big = [s for s in sizes if s > 1]
-                if len(big) >= 2:
-                    lead = sizes.index(big[0])
-                    unit = 1
-                    for s in sizes[lead + 1:]:
-                        unit *= s
-                    return big[0], unit
+            if len(in_sh) - 1 in gi and len(gj) >= 2:
+                return numeric_shape([out_sh[gj[0]]])[0], product([out_sh[j] for j in gj[1:]])
         return None
 
     def _role(self, linear: fx.Node) -> Role:

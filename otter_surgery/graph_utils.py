@@ -87,14 +87,6 @@ def reshape_groups(in_shape, out_shape) -> list[tuple[list[int], list[int]]]:
     return groups
 
 
-def leading_axis(group: list[int], sizes) -> int | None:
-    """First axis of a reshape group with more than one element (the one a companion may ride on)."""
-    for ax in group:
-        if numeric_shape([sizes[ax]])[0] != 1:
-            return ax
-    return group[0] if group else None
-
-
 def product(sizes) -> int:
     p = 1
     for s in numeric_shape(sizes):

@@ -38,5 +38,16 @@ def insert(model: nn.Module, spec: InsertSpec | None = None) -> OtterModel:
     for step in passes.PIPELINE:
         step(ctx)(gm)
     gm.graph.eliminate_dead_code()
+    _drop_unused_inserted(gm, ctx.param_names)
     gm.recompile()
     return OtterModel(gm, spec, ("logits", *spec.signals), captured.takes_mask, dict(ctx.param_names))
+
+
+def _drop_unused_inserted(gm: torch.fx.GraphModule, names: dict[str, str]) -> None:
+    """An inserted parameter whose companion leads nowhere (e.g. a norm slice when extra_heads=0) would
+    never train: remove it rather than ship a parameter that cannot matter."""
+    used = {str(n.target).removeprefix("otter.") for n in gm.graph.nodes if n.op == "get_attr"}
+    for attr in list(names):
+        if attr not in used:
+            delattr(gm.otter, attr)
+            del names[attr]

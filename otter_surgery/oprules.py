@@ -20,7 +20,7 @@ import torch
 import torch.fx as fx
 
 from .errors import UnsupportedGraphError
-from .graph_utils import frac_int, get_attr_tensor, leading_axis, ndim, numeric_shape, op_name, reshape_groups, shape, val
+from .graph_utils import frac_int, get_attr_tensor, ndim, numeric_shape, op_name, product, reshape_groups, shape, val
 
 aten = torch.ops.aten
 
@@ -199,12 +199,14 @@ def reshape(ctx: Context, node: fx.Node) -> Comp | None:
     for gi, gj in reshape_groups(in_sh, out_sh):
         if c.axis not in gi:
             continue
-        if leading_axis(gi, in_sh) != c.axis:
+        before = gi[: gi.index(c.axis)]
+        if product([in_sh[a] for a in before]) != 1:
             _fail(node, "the inserted axis is not the leading axis of the merged group; "
                         "merging would interleave inserted and original dims")
-        t = leading_axis(gj, out_sh)
-        ratio = Fraction(c.size, numeric_shape([in_sh[c.axis]])[0])
-        new_size = frac_int(ratio * numeric_shape([out_sh[t]])[0])
+        # Concatenating along the first axis of a row-major group = concatenating the flattened group.
+        t = gj[0]
+        flat = Fraction(product([in_sh[a] for a in gi]) * c.size, numeric_shape([in_sh[c.axis]])[0])
+        new_size = frac_int(flat / product([out_sh[a] for a in gj[1:]]))
         if new_size is None:
             _fail(node, f"{c.size} inserted dims do not fill whole units of the reshaped axis {t}")
         target = list(node.args[1])
@@ -212,12 +214,8 @@ def reshape(ctx: Context, node: fx.Node) -> Comp | None:
             if isinstance(target[t], fx.Node):
                 _fail(node, "the reshaped inserted axis has a symbolic size")
             target[t] = new_size
-        merged = 1
-        for a in gi[gi.index(c.axis) + 1:]:
-            merged *= numeric_shape([in_sh[a]])[0]
-        split = 1
-        for a in gj[gj.index(t) + 1:]:
-            split *= numeric_shape([out_sh[a]])[0]
+        merged = product([in_sh[a] for a in gi[gi.index(c.axis) + 1:]])
+        split = product([out_sh[a] for a in gj[1:]])
         unit = max(1, c.unit * merged // split)
         # reshape (not view): a companion may be non-contiguous where the original is not.
         return replace(c, node=ctx.emit(aten.reshape.default, (c.node, target)), axis=t, size=new_size, unit=unit)

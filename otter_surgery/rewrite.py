@@ -34,6 +34,7 @@ class Rewrite:
         self.originals = [n for n in self.graph.nodes]
         self._snapshot = {n: _signature(n) for n in self.originals if n.op != "output"}
         self.cursor: fx.Node = next(iter(self.graph.nodes))
+        self.current: fx.Node | None = None
         self.generator = torch.Generator().manual_seed(spec.seed)
         if not hasattr(gm, "otter"):
             gm.add_module("otter", nn.Module())
@@ -43,9 +44,16 @@ class Rewrite:
         self.signal_nodes: dict[str, fx.Node] = {}
 
     # -- nodes ---------------------------------------------------------------------------------------------
+    def at(self, node: fx.Node) -> None:
+        """New nodes go right after `node` and inherit its module path (for errors and debugging)."""
+        self.current, self.cursor = node, node.next
+
     def emit(self, target, args, kwargs=None) -> fx.Node:
         with self.graph.inserting_before(self.cursor):
-            return self.graph.call_function(target, tuple(args), dict(kwargs or {}))
+            new = self.graph.call_function(target, tuple(args), dict(kwargs or {}))
+        if self.current is not None and "nn_module_stack" in self.current.meta:
+            new.meta["nn_module_stack"] = self.current.meta["nn_module_stack"]
+        return new
 
     def new_param(self, name: str, value: torch.Tensor, dtype: torch.dtype, device) -> fx.Node:
         attr = re.sub(r"[^0-9a-zA-Z_]", "_", name)
@@ -57,8 +65,11 @@ class Rewrite:
             return self.graph.get_attr(f"otter.{attr}")
 
     # -- inserted parameters --------------------------------------------------------------------------
-    def _readable(self, attr: fx.Node) -> str:
-        return str(attr.target).removeprefix("m.")
+    def readable(self, attr: fx.Node) -> str:
+        """'model.layers.0.mlp.up_proj.weight.inserted': the module using the parameter, then its leaf name."""
+        where = module_path(self.current) if self.current is not None else "<top level>"
+        leaf = str(attr.target).rpartition(".")[2]
+        return (leaf if where == "<top level>" else f"{where}.{leaf}") + ".inserted"
 
     def companion_param(self, attr: fx.Node, axis: int, size: int, unit: int) -> fx.Node:
         """The inserted slice of an elementwise parameter (a norm scale or bias), one per parameter."""
@@ -67,7 +78,7 @@ class Rewrite:
             p = get_attr_tensor(self.gm, attr)
             index = inits.spread_index(p.shape[axis], size, unit)
             value = inits.slice_of(p, axis, index, self.spec.init, self.generator)
-            self._slices[key] = self.new_param(self._readable(attr) + ".inserted", value, p.dtype, p.device)
+            self._slices[key] = self.new_param(self.readable(attr), value, p.dtype, p.device)
         return self._slices[key]
 
     def linear_params(self, node: fx.Node, info: LinearInfo, comp_in: Comp):
@@ -81,14 +92,13 @@ class Rewrite:
         block = inits.linear_block(w_oi, rows, cols, self.spec.init, self.generator)
         if info.transposed:
             block = block.t()
-        name = self._readable(info.weight)
-        w_e = self.new_param(name + ".inserted", block, w.dtype, w.device)
+        w_e = self.new_param(self.readable(info.weight), block, w.dtype, w.device)
         b_e = None
         b = get_attr_tensor(self.gm, info.bias) if info.bias is not None else None
         if info.bias is not None and b is None:
             raise OtterError(f"linear '{module_path(node)}' has a computed bias; only parameter biases are supported")
         if b is not None:
-            b_e = self.new_param(self._readable(info.bias) + ".inserted", inits.linear_bias(b, rows, self.spec.init), b.dtype, b.device)
+            b_e = self.new_param(self.readable(info.bias), inits.linear_bias(b, rows, self.spec.init), b.dtype, b.device)
         out = Comp(node=node, axis=len(node.meta["val"].shape) - 1, size=width.size, kind=width.kind, unit=width.unit)
         return w_e, b_e, out
 

@@ -41,7 +41,7 @@ class PropagateCompanions(PassBase):
             fn = RULES.get(name)
             if fn is None:
                 raise UnsupportedGraphError(node, f"no rule for how inserted dims flow through '{name}'")
-            ctx.cursor = node.next
+            ctx.at(node)
             comp = fn(ctx, node)
             if comp is not None:
                 ctx.comps[node] = comp

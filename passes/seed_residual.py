@@ -30,8 +30,8 @@ class SeedResidual(PassBase):
             weight = get_attr_tensor(gm, emb.args[0])
             cols = inits.spread_index(weight.shape[1], d_a)
             table = inits.embedding_columns(weight, cols, ctx.spec.init, ctx.generator)
-            ctx.cursor = emb.next
-            w_e = ctx.new_param(ctx._readable(emb.args[0]) + ".inserted", table, weight.dtype, weight.device)
+            ctx.at(emb)
+            w_e = ctx.new_param(ctx.readable(emb.args[0]), table, weight.dtype, weight.device)
             e = ctx.emit(torch.ops.aten.embedding.default, (w_e, *emb.args[1:]), emb.kwargs)
             ctx.comps[emb] = Comp(node=e, axis=ndim(emb) - 1, size=d_a, kind="residual")
         return PassResult(gm, True)

@@ -34,7 +34,7 @@ class SignalHeads(PassBase):
         comp = ctx.comps[hidden]
         out = next(n for n in gm.graph.nodes if n.op == "output")
         logits = out.args[0][0] if isinstance(out.args[0], (tuple, list)) else out.args[0]
-        ctx.cursor = out
+        ctx.current, ctx.cursor = None, out
         d = shape(hidden)[-1]
         width = d + comp.size
         dtype, device = val(hidden).dtype, val(hidden).device

@@ -1,0 +1,26 @@
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+
+# Deterministic everywhere (CI and local): derandomized, no example database, no deadline (exports are slow).
+settings.register_profile(
+    "ci", derandomize=True, database=None, deadline=None, print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+ARCHS = ("llama", "mistral", "qwen2")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama():
+    from transformers import AutoConfig
+
+    from otter_surgery.testing import build_model
+
+    cfg = AutoConfig.for_model("llama", vocab_size=61, hidden_size=24, intermediate_size=20, num_hidden_layers=2,
+                               num_attention_heads=6, num_key_value_heads=2, head_dim=8, max_position_embeddings=128)
+    return build_model(cfg)
