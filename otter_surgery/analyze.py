@@ -79,7 +79,11 @@ class Analysis:
                 continue
             seen.add(n)
             for u in n.users:
-                if op_name(u) in ELEMENTWISE_OPS and val(u) is not None:
+                if val(u) is None:
+                    continue
+                # Elementwise ops, and reshapes that only flatten/unflatten the token axes (OPT's FFN).
+                keeps_width = op_name(u) in RESHAPE_OPS and shape(u)[-1] == shape(n)[-1]
+                if op_name(u) in ELEMENTWISE_OPS or keeps_width:
                     todo.append(u)
         return seen
 

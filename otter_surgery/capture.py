@@ -66,11 +66,12 @@ def _eval_mode(model: nn.Module):
 
 def example_inputs(model: nn.Module, takes_mask: bool) -> dict:
     vocab = _vocab_size(model)
+    device = next(iter(model.parameters()), torch.empty(0)).device
     # Two rows, seven tokens, a left-padded row: sizes > 1 so export keeps both dims symbolic.
-    ids = torch.arange(14).reshape(2, 7) % vocab
+    ids = torch.arange(14, device=device).reshape(2, 7) % vocab
     kwargs = {"input_ids": ids}
     if takes_mask:
-        mask = torch.ones(2, 7, dtype=torch.long)
+        mask = torch.ones(2, 7, dtype=torch.long, device=device)
         mask[0, :2] = 0
         kwargs["attention_mask"] = mask
     return kwargs

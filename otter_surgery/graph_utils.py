@@ -51,17 +51,23 @@ def concrete_size(s) -> int | None:
     return int(s)
 
 
-_PRIMES = [10007, 10009, 10037, 10039, 10061, 10067, 10069, 10079]
+_SYMBOL_VALUES: dict[str, int] = {}
+
+
+def _symbol_value(name: str) -> int:
+    """A distinct large prime per symbol name (s0, s1, ...), the same in every shape."""
+    if name not in _SYMBOL_VALUES:
+        _SYMBOL_VALUES[name] = int(sympy.prime(1229 + len(_SYMBOL_VALUES)))  # primes above 10,000
+    return _SYMBOL_VALUES[name]
 
 
 def numeric_shape(sh) -> list[int]:
-    """Sizes with every symbol replaced by a distinct large prime, so products can be compared."""
+    """Sizes with every symbol replaced by its distinct large prime, so products can be compared."""
     out = []
     for s in sh:
         if isinstance(s, torch.SymInt):
-            expr = s.node.expr
-            subs = {sym: _PRIMES[i % len(_PRIMES)] for i, sym in enumerate(sorted(expr.free_symbols, key=str))}
-            out.append(int(sympy.sympify(expr).subs(subs)))
+            expr = sympy.sympify(s.node.expr)
+            out.append(int(expr.subs({sym: _symbol_value(str(sym)) for sym in expr.free_symbols})))
         else:
             out.append(int(s))
     return out

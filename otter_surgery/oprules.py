@@ -116,6 +116,33 @@ class _ZeroOperand(Exception):
         self.arg = arg
 
 
+def _parameter_derived(ctx: Context, a: fx.Node) -> bool:
+    """A parameter, or elementwise ops over parameters and constants only (Gemma's `1 + weight`)."""
+    if get_attr_tensor(ctx.gm, a) is not None:
+        return True
+    if a.op != "call_function" or op_name(a) not in ELEMENTWISE_OPS:
+        return False
+    ins = [x for x in a.all_input_nodes if val(x) is not None]
+    return bool(ins) and all(_parameter_derived(ctx, x) for x in ins)
+
+
+def _widen_parameter(ctx: Context, a: fx.Node, axis: int, size: int, unit: int) -> fx.Node:
+    """The inserted slice of a parameter-derived operand: slice the parameters, replay the ops."""
+    if get_attr_tensor(ctx.gm, a) is not None:
+        return ctx.companion_param(a, axis, size, unit)
+    nd = ndim(a)
+
+    def widen(x):
+        if not isinstance(x, fx.Node) or val(x) is None:
+            return x
+        x_ax = axis - (nd - ndim(x))
+        if x_ax < 0 or numeric_shape([shape(x)[x_ax]])[0] == 1:
+            return x
+        return _widen_parameter(ctx, x, x_ax, size, unit)
+
+    return ctx.emit(a.target, tuple(widen(x) for x in a.args), {k: widen(v) for k, v in a.kwargs.items()})
+
+
 @rule(*ELEMENTWISE_OPS)
 def elementwise(ctx: Context, node: fx.Node) -> Comp | None:
     """Broadcasting elementwise op. Inputs with a companion contribute it; inputs broadcast along the
@@ -138,8 +165,8 @@ def elementwise(ctx: Context, node: fx.Node) -> Comp | None:
         a_ax = ax - (out_nd - ndim(a))
         if a_ax < 0 or numeric_shape([shape(a)[a_ax]])[0] == 1:
             return a  # broadcast along the inserted axis: shared as is
-        if get_attr_tensor(ctx.gm, a) is not None:
-            return ctx.companion_param(a, a_ax, size, first.unit)
+        if _parameter_derived(ctx, a):
+            return _widen_parameter(ctx, a, a_ax, size, first.unit)
         raise _ZeroOperand(a)
 
     try:

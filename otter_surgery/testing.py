@@ -35,11 +35,13 @@ def tiny_configs(draw, arch: str = "llama", max_layers: int = 2):
         num_attention_heads=n_q,
         num_key_value_heads=n_kv,
         head_dim=head_dim,
-        hidden_size=draw(st.sampled_from([8, 16, 24, 32])) if draw(st.booleans()) else n_q * head_dim,
+        # hidden is a multiple of the head count (configs check it), not always heads * head_dim
+        hidden_size=n_q * draw(st.integers(2, 8)) if draw(st.booleans()) else n_q * head_dim,
         intermediate_size=draw(st.integers(4, 48)),
         vocab_size=draw(st.integers(16, 96)),
         tie_word_embeddings=draw(st.booleans()),
         max_position_embeddings=128,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2,  # inside the tiny vocabulary
     )
     return AutoConfig.for_model(arch, **kwargs)
 

