@@ -55,6 +55,20 @@ def demo(args: argparse.Namespace) -> int:
     return 0 if same else 1
 
 
+def support(args: argparse.Namespace) -> int:
+    from otter_surgery.support import markdown, rows_to_json, summary, support_table
+
+    rows = support_table(args.arch or None, jobs=args.jobs, timeout=args.timeout)
+    print(markdown(rows))
+    s = summary(rows)
+    print(f"\n{s['bit_identical_fp32']} of {s['families']} causal-LM families bit-identical in fp32, "
+          f"{s['bit_identical_bf16']} in bf16 ({s['captured']} captured, {s['inserted']} inserted)")
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(rows_to_json(rows))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="otter-surgery", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -65,6 +79,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calibration", action="store_true", help="also insert a calibration-logits head")
     p.add_argument("--examples", type=int, default=10, help="hypothesis examples for verify()")
     p.set_defaults(fn=demo)
+    p = sub.add_parser("support", help="table: causal-LM family -> captured / inserted / bit-identical fp32 / bf16")
+    p.add_argument("arch", nargs="*", help="families to check (default: every causal-LM family installed)")
+    p.add_argument("--jobs", type=int, default=2)
+    p.add_argument("--timeout", type=float, default=300, help="seconds per family")
+    p.add_argument("--json", help="also write the rows as JSON here")
+    p.set_defaults(fn=support)
     args = parser.parse_args(argv)
     return args.fn(args)
 

@@ -249,6 +249,23 @@ def reshape(ctx: Context, node: fx.Node) -> Comp | None:
     _fail(node, "cannot map the inserted axis through this reshape")
 
 
+@rule("flatten")
+def flatten(ctx: Context, node: fx.Node) -> Comp | None:
+    src, c = _single_comp(ctx, node)
+    nd, in_sh = ndim(src), shape(src)
+    start = _norm_dim(node.args[1] if len(node.args) > 1 else 0, nd)
+    end = _norm_dim(node.args[2] if len(node.args) > 2 else -1, nd)
+    new = ctx.emit(node.target, (c.node, *node.args[1:]))
+    if c.axis < start:
+        return replace(c, node=new)
+    if c.axis > end:
+        return replace(c, node=new, axis=c.axis - (end - start))
+    if product([in_sh[a] for a in range(start, c.axis)]) != 1:
+        _fail(node, "flattening would interleave inserted and original dims")
+    after = product([in_sh[a] for a in range(c.axis + 1, end + 1)])
+    return replace(c, node=new, axis=start, size=c.size * after, unit=c.unit * after)
+
+
 @rule("expand")
 def expand(ctx: Context, node: fx.Node) -> Comp | None:
     src, c = _single_comp(ctx, node)
@@ -300,9 +317,20 @@ def slice_(ctx: Context, node: fx.Node) -> Comp | None:
     src, c = _single_comp(ctx, node)
     dim = _norm_dim(node.args[1] if len(node.args) > 1 else 0, ndim(src))
     if dim == c.axis:
-        if numeric_shape(shape(node))[dim] == numeric_shape(shape(src))[dim]:
+        full = numeric_shape([shape(src)[dim]])[0]
+        if numeric_shape(shape(node))[dim] == full:
             return c  # a full slice: nothing to do
-        _fail(node, "slices the inserted axis")
+        # A part of a fused output (Phi-3's qkv[..., :q_pos]): the inserted dims of a fused linear are laid
+        # out in the same proportions as its parts, so the part's inserted dims are the scaled slice.
+        start, end = (node.args[2] if len(node.args) > 2 else 0), (node.args[3] if len(node.args) > 3 else full)
+        step = node.args[4] if len(node.args) > 4 else 1
+        if c.kind == "residual" or step != 1 or not all(isinstance(v, int) for v in (start, end)):
+            _fail(node, "slices the inserted axis")
+        start, end = max(0, start + full if start < 0 else start), min(full, end + full if end < 0 else end)
+        lo, hi = (frac_int(Fraction(v * c.size, full)) for v in (start, end))
+        if lo is None or hi is None:
+            _fail(node, f"{c.size} inserted dims do not split in the proportions of this slice")
+        return replace(c, node=ctx.emit(node.target, (c.node, dim, lo, hi)), size=hi - lo)
     return replace(c, node=ctx.emit(node.target, (c.node, *node.args[1:]), dict(node.kwargs)))
 
 
@@ -325,6 +353,17 @@ def cat(ctx: Context, node: fx.Node) -> Comp | None:
     if len({cp.axis for cp in comps}) != 1 or comps[0].axis == dim:
         _fail(node, "concatenates along the inserted axis")
     return replace(comps[0], node=ctx.emit(node.target, ([cp.node for cp in comps], node.args[1] if len(node.args) > 1 else 0)))
+
+
+@rule("stack")
+def stack(ctx: Context, node: fx.Node) -> Comp | None:
+    tensors = node.args[0]
+    comps = [ctx.comps.get(t) for t in tensors]
+    if any(cp is None for cp in comps) or len({cp.axis for cp in comps}) != 1:
+        _fail(node, "stacks tensors with and without inserted dims")
+    dim = _norm_dim(node.args[1] if len(node.args) > 1 else 0, ndim(node))
+    axis = comps[0].axis + (dim <= comps[0].axis)
+    return replace(comps[0], node=ctx.emit(node.target, ([cp.node for cp in comps], *node.args[1:])), axis=axis)
 
 
 @rule("split", "split_with_sizes", "chunk", "unbind")

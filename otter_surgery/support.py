@@ -1,0 +1,125 @@
+"""`otter-surgery support`: which causal-LM families of the installed transformers go through insert(),
+checked live on tiny random configs (captured / inserted / bit-identical fp32 / bf16)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+
+TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=8, max_position_embeddings=128, pad_token_id=0, bos_token_id=1,
+            eos_token_id=2)
+
+
+def tiny_config(arch: str, **overrides):
+    """A tiny config of family `arch`; standard names go through each config's attribute_map. Keys a
+    family refuses (e.g. a read-only head_dim) are dropped one at a time."""
+    from transformers import AutoConfig
+
+    kwargs = {**TINY, **overrides}
+    last = None
+    for drop in (None, "head_dim", "num_key_value_heads", "intermediate_size"):
+        if drop:
+            kwargs.pop(drop, None)
+        try:
+            return AutoConfig.for_model(arch, **kwargs)
+        except Exception as exc:  # config validators raise many types
+            last = exc
+    raise last
+
+
+@dataclass
+class SupportRow:
+    arch: str
+    captured: bool = False
+    inserted: bool = False
+    fp32: bool = False
+    bf16: bool = False
+    note: str = ""
+
+
+def check_family(arch: str) -> SupportRow:
+    import torch
+
+    import otter_surgery as otter
+    from otter_surgery.capture import capture
+    from otter_surgery.testing import build_model, heads_step
+    from otter_surgery.verify import bits_equal, reference_logits
+
+    row = SupportRow(arch)
+    try:
+        cfg = tiny_config(arch)
+        model = build_model(cfg)
+    except Exception as exc:
+        row.note = f"tiny config/model: {type(exc).__name__}: {str(exc)[:120]}"
+        return row
+    for dtype in (torch.float32, torch.bfloat16):
+        try:
+            model = model.to(dtype)
+            if dtype == torch.float32:
+                capture(model)
+                row.captured = True
+            try:
+                step = heads_step(cfg)
+            except Exception:
+                step = 1
+            omodel = otter.insert(model, otter.InsertSpec(extra_dim=4, extra_heads=step, extra_ffn=8))
+            row.inserted = True
+            gen = torch.Generator().manual_seed(0)
+            ids = torch.randint(3, cfg.vocab_size, (2, 9), generator=gen)
+            mask = torch.ones_like(ids)
+            mask[0, :3] = 0
+            batch = {"input_ids": ids, "attention_mask": mask}
+            with torch.no_grad():
+                got = omodel(**batch).logits
+            setattr(row, "fp32" if dtype == torch.float32 else "bf16", bits_equal(got, reference_logits(model, batch)))
+        except Exception as exc:
+            row.note = f"{type(exc).__name__}: {str(exc)[:160]}"
+            break
+    return row
+
+
+def _run_isolated(arch: str, timeout: float) -> SupportRow:
+    code = f"import json, dataclasses; from otter_surgery.support import check_family; " \
+           f"print('ROW' + json.dumps(dataclasses.asdict(check_family({arch!r}))))"
+    try:
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return SupportRow(arch, note=f"timed out after {timeout:.0f} s")
+    for line in proc.stdout.splitlines():
+        if line.startswith("ROW"):
+            return SupportRow(**json.loads(line[3:]))
+    return SupportRow(arch, note=f"crashed: {proc.stderr.strip().splitlines()[-1][:160] if proc.stderr.strip() else proc.returncode}")
+
+
+def causal_lm_families() -> list[str]:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+
+
+def support_table(archs: list[str] | None = None, jobs: int = 2, timeout: float = 300) -> list[SupportRow]:
+    archs = archs or causal_lm_families()
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        return list(pool.map(lambda a: _run_isolated(a, timeout), archs))
+
+
+def markdown(rows: list[SupportRow]) -> str:
+    yes = {True: "yes", False: "no"}
+    lines = ["| family | captured | inserted | bit-identical fp32 | bit-identical bf16 | note |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        note = r.note.replace("|", "/").replace("\n", " ")
+        lines.append(f"| {r.arch} | {yes[r.captured]} | {yes[r.inserted]} | {yes[r.fp32]} | {yes[r.bf16]} | {note} |")
+    return "\n".join(lines)
+
+
+def summary(rows: list[SupportRow]) -> dict:
+    return {"families": len(rows), "captured": sum(r.captured for r in rows), "inserted": sum(r.inserted for r in rows),
+            "bit_identical_fp32": sum(r.fp32 for r in rows), "bit_identical_bf16": sum(r.bf16 for r in rows)}
+
+
+def rows_to_json(rows: list[SupportRow]) -> str:
+    return json.dumps({"summary": summary(rows), "rows": [asdict(r) for r in rows]}, indent=1)
