@@ -24,25 +24,29 @@ def dtypes() -> st.SearchStrategy[torch.dtype]:
 
 @st.composite
 def tiny_configs(draw, arch: str = "llama", max_layers: int = 2):
-    """A random tiny config of the transformers family `arch` (a model_type such as "llama", "qwen2")."""
+    """A random tiny config of the transformers family `arch` (a model_type: "llama", "gpt2", "phi3", ...).
+
+    Standard names (hidden_size, num_attention_heads, ...) reach each family through its attribute_map;
+    names a family does not have (num_key_value_heads for GPT-2) are left out rather than invented."""
     from transformers import AutoConfig
 
     n_kv = draw(st.integers(1, 2))
     n_q = n_kv * draw(st.integers(1, 3))
-    head_dim = draw(st.sampled_from([4, 8, 16]))
-    kwargs = dict(
+    head_dim = draw(st.sampled_from([8, 16]))
+    wanted = dict(
         num_hidden_layers=draw(st.integers(1, max_layers)),
         num_attention_heads=n_q,
         num_key_value_heads=n_kv,
         head_dim=head_dim,
-        # hidden is a multiple of the head count (configs check it), not always heads * head_dim
-        hidden_size=n_q * draw(st.integers(2, 8)) if draw(st.booleans()) else n_q * head_dim,
+        hidden_size=n_q * head_dim,
         intermediate_size=draw(st.integers(4, 48)),
         vocab_size=draw(st.integers(16, 96)),
         tie_word_embeddings=draw(st.booleans()),
         max_position_embeddings=128,
         pad_token_id=0, bos_token_id=1, eos_token_id=2,  # inside the tiny vocabulary
     )
+    known = AutoConfig.for_model(arch)
+    kwargs = {k: v for k, v in wanted.items() if hasattr(known, k)}
     return AutoConfig.for_model(arch, **kwargs)
 
 

@@ -17,6 +17,10 @@ from otter_surgery.oprules import RULES
 from otter_surgery.rewrite import Rewrite
 
 # Ops that only inspect a tensor (shapes, metadata checks) and never need inserted dims.
+# Token routing gathers rows by data-dependent indices: the shape of mixture-of-experts dispatch.
+_ROUTING = dict.fromkeys(
+    ("index", "index_put", "index_add", "index_select", "scatter", "scatter_add", "gather", "nonzero"),
+    "; data-dependent token routing (e.g. mixture-of-experts dispatch) is not supported")
 _INSPECTORS = {"sym_size", "sym_numel", "sym_stride", "_assert_tensor_metadata", "_assert_scalar"}
 
 
@@ -40,7 +44,8 @@ class PropagateCompanions(PassBase):
                 continue
             fn = RULES.get(name)
             if fn is None:
-                raise UnsupportedGraphError(node, f"no rule for how inserted dims flow through '{name}'")
+                hint = _ROUTING.get(name, "")
+                raise UnsupportedGraphError(node, f"no rule for how inserted dims flow through '{name}'{hint}")
             ctx.at(node)
             comp = fn(ctx, node)
             if comp is not None:

@@ -12,7 +12,10 @@ settings.register_profile(
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
-ARCHS = ("llama", "mistral", "qwen2")
+# The core families (issue 3) and the ones whose graphs differ the way real models differ (issue 4):
+# Conv1D/addmm + fused c_attn (gpt2), interleaved fused qkv + parallel residual + partial rotary (gpt_neox),
+# fused qkv_proj and gate_up_proj (phi3), per-head q/k norm (qwen3), LayerNorm + ReLU + projections (opt).
+ARCHS = ("llama", "mistral", "qwen2", "gpt2", "gpt_neox", "phi3", "qwen3", "opt")
 
 
 @pytest.fixture(scope="session")
