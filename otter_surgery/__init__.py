@@ -4,14 +4,17 @@
     out = omodel(input_ids=ids, attention_mask=mask)   # out.logits == model(...).logits, out.reward
     otter.verify(model, omodel)
 """
+from .adapter import AdapterError, load, save
 from .errors import CaptureError, OtterError, SpecError, UnsupportedGraphError, VerificationError
 from .insert import insert
 from .model import OtterModel, OtterOutput
 from .spec import InsertSpec
+from .train import TrainResult, evaluate, train
 from .verify import VerifyReport, verify
 
 __all__ = [
-    "insert", "verify", "InsertSpec", "OtterModel", "OtterOutput", "VerifyReport",
+    "insert", "verify", "train", "evaluate", "save", "load", "InsertSpec", "OtterModel", "OtterOutput",
+    "VerifyReport", "TrainResult", "AdapterError",
     "OtterError", "SpecError", "UnsupportedGraphError", "CaptureError", "VerificationError",
 ]
 __version__ = "0.1.0"

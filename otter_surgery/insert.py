@@ -40,7 +40,9 @@ def insert(model: nn.Module, spec: InsertSpec | None = None) -> OtterModel:
     gm.graph.eliminate_dead_code()
     _drop_unused_inserted(gm, ctx.param_names)
     gm.recompile()
-    return OtterModel(gm, spec, ("logits", *spec.signals), captured.takes_mask, dict(ctx.param_names))
+    return OtterModel(gm, spec, ("logits", *spec.signals), captured.takes_mask, dict(ctx.param_names),
+                      base_class=f"{type(model).__module__}.{type(model).__qualname__}",
+                      base_model_type=getattr(getattr(model, "config", None), "model_type", None))
 
 
 def _drop_unused_inserted(gm: torch.fx.GraphModule, names: dict[str, str]) -> None:

@@ -14,11 +14,13 @@ from .spec import InsertSpec
 @dataclass
 class OtterOutput(ModelOutput):
     """logits: the original model's logits, bit for bit. reward: [batch, seq] (or [batch, seq, n]).
-    calibration: [batch, seq, vocab] calibration logits (DExperts-style). Absent signals are None."""
+    calibration: [batch, seq, vocab] calibration logits (DExperts-style). medusa: [batch, seq, K, vocab].
+    Absent signals are None."""
 
     logits: torch.Tensor | None = None
     reward: torch.Tensor | None = None
     calibration: torch.Tensor | None = None
+    medusa: torch.Tensor | None = None
 
 
 class OtterModel(nn.Module):
@@ -26,8 +28,10 @@ class OtterModel(nn.Module):
     (same storage, 0 bytes copied) and frozen; only `inserted_parameters()` train."""
 
     def __init__(self, graph_module: fx.GraphModule, spec: InsertSpec, outputs: tuple[str, ...],
-                 takes_mask: bool, param_names: dict[str, str]):
+                 takes_mask: bool, param_names: dict[str, str], base_class: str = "", base_model_type: str | None = None):
         super().__init__()
+        self.base_class = base_class  # "module.Class" of the user's model, for adapter fingerprints
+        self.base_model_type = base_model_type
         self.graph_module = graph_module
         self.spec = spec
         self.outputs = outputs

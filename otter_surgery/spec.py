@@ -5,7 +5,7 @@ from dataclasses import asdict, dataclass, field
 
 from .errors import SpecError
 
-SIGNALS = ("reward", "calibration")
+SIGNALS = ("reward", "calibration", "medusa")
 INITS = ("copy", "normal", "random")
 
 
@@ -17,9 +17,10 @@ class InsertSpec:
     extra_heads: inserted query heads per attention layer. Under GQA they bring their own KV heads in
                  the model's own grouping, so it must be a multiple of (query heads / KV heads).
     extra_ffn:   inserted intermediate units per FFN.
-    signal:      "reward" (n_rewards scalars per position), "calibration" (vocab-sized logits), or both
-                 as a tuple.
+    signal:      "reward" (n_rewards scalars per position), "calibration" (vocab-sized logits), "medusa"
+                 (n_medusa future-token heads), or several as a tuple.
     n_rewards:   number of reward outputs; out.reward is [batch, seq] for 1, [batch, seq, n] otherwise.
+    n_medusa:    Medusa heads; out.medusa is [batch, seq, n_medusa, vocab], head k predicting token t+k+2.
     init:        "copy" (inserted units copy slices of existing ones, the paper's choice), "normal", "random".
     seed:        seeds the initialisation, so two insert() calls with the same spec give the same model.
     """
@@ -29,11 +30,12 @@ class InsertSpec:
     extra_ffn: int = 128
     signal: str | tuple[str, ...] = "reward"
     n_rewards: int = 1
+    n_medusa: int = 3
     init: str = "copy"
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("extra_dim", "extra_heads", "extra_ffn", "n_rewards", "seed"):
+        for name in ("extra_dim", "extra_heads", "extra_ffn", "n_rewards", "n_medusa", "seed"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool):
                 raise SpecError(name, f"must be an int, got {value!r}")
@@ -42,9 +44,10 @@ class InsertSpec:
         for name in ("extra_heads", "extra_ffn", "seed"):
             if getattr(self, name) < 0:
                 raise SpecError(name, f"must be >= 0, got {getattr(self, name)}")
-        if self.n_rewards < 1:
-            raise SpecError("n_rewards", f"must be >= 1, got {self.n_rewards}")
-        if not self.signals or any(s not in SIGNALS for s in self.signals):
+        for name in ("n_rewards", "n_medusa"):
+            if getattr(self, name) < 1:
+                raise SpecError(name, f"must be >= 1, got {getattr(self, name)}")
+        if not self.signals or any(s not in SIGNALS for s in self.signals) or len(set(self.signals)) != len(self.signals):
             raise SpecError("signal", f"must be one of {SIGNALS} or a tuple of them, got {self.signal!r}")
         if self.init not in INITS:
             raise SpecError("init", f"must be one of {INITS}, got {self.init!r}")

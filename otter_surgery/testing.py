@@ -60,13 +60,14 @@ def heads_step(config) -> int:
 @st.composite
 def specs(draw, config=None) -> InsertSpec:
     step = heads_step(config) if config is not None else 1
-    signal = draw(st.sampled_from(["reward", "calibration", ("reward", "calibration")]))
+    signal = draw(st.sampled_from(["reward", "calibration", ("reward", "calibration"), ("reward", "medusa")]))
     return InsertSpec(
         extra_dim=draw(st.integers(1, 16)),
         extra_heads=step * draw(st.integers(0, 2)),
         extra_ffn=draw(st.integers(0, 24)),
         signal=signal,
         n_rewards=draw(st.integers(1, 3)),
+        n_medusa=draw(st.integers(1, 3)),
         init=draw(st.sampled_from(INITS)),
         seed=draw(st.integers(0, 2**16)),
     )

@@ -2,7 +2,8 @@
 
 Invariant: the graph's first output is still the original logits node; the heads are new outputs after it.
 - reward: n_rewards scalars per position (a value head with bias) -> [batch, seq] or [batch, seq, n];
-- calibration: vocab-sized calibration logits (DExperts-style), no bias.
+- calibration: vocab-sized calibration logits (DExperts-style), no bias;
+- medusa: n_medusa vocab-sized future-token heads -> [batch, seq, n_medusa, vocab].
 """
 from __future__ import annotations
 
@@ -47,10 +48,14 @@ class SignalHeads(PassBase):
                 y = ctx.emit(aten.linear.default, (x, w, b))
                 if n == 1:
                     y = ctx.emit(aten.squeeze.dim, (y, -1))
-            else:
+            elif signal == "calibration":
                 vocab = int(shape(logits)[-1])
                 w = ctx.new_param("calibration_head.weight", inits.head(vocab, width, ctx.generator), dtype, device)
                 y = ctx.emit(aten.linear.default, (x, w))
+            else:
+                vocab, k = int(shape(logits)[-1]), ctx.spec.n_medusa
+                w = ctx.new_param("medusa_heads.weight", inits.head(k * vocab, width, ctx.generator), dtype, device)
+                y = ctx.emit(aten.unflatten.int, (ctx.emit(aten.linear.default, (x, w)), -1, [k, vocab]))
             ctx.signal_nodes[signal] = y
         out.args = ((logits, *ctx.signal_nodes.values()),)
         gm.graph.lint()

@@ -23,7 +23,7 @@ def digest(model):
 
 
 def signals(out):
-    return [t for t in (out.reward, out.calibration) if t is not None]
+    return [t for t in (out.reward, out.calibration, out.medusa) if t is not None]
 
 
 def check_matters(model, omodel, vocab):
@@ -59,7 +59,7 @@ def test_plain_pytorch_decoders(make):
     model = make().eval()
     vocab = model.lm_head.out_features if hasattr(model, "lm_head") else model.out.out_features
     before = digest(model)
-    omodel = otter.insert(model, otter.InsertSpec(extra_dim=4, extra_heads=1, extra_ffn=8, signal=("reward", "calibration")))
+    omodel = otter.insert(model, otter.InsertSpec(extra_dim=4, extra_heads=1, extra_ffn=8, signal=("reward", "calibration", "medusa")))
     assert otter.verify(model, omodel, max_examples=50, max_seq=48).examples == 50
     check_matters(model, omodel, vocab)
     assert digest(model) == before

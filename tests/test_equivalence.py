@@ -33,6 +33,8 @@ def test_logits_bit_identical(arch, data):
         assert out.reward.shape == ((b, s) if spec.n_rewards == 1 else (b, s, spec.n_rewards))
     if "calibration" in spec.signals:
         assert out.calibration.shape == (b, s, cfg.vocab_size)
+    if "medusa" in spec.signals:
+        assert out.medusa.shape == (b, s, spec.n_medusa, cfg.vocab_size)
 
 
 @settings(max_examples=60)

@@ -1,0 +1,171 @@
+"""Train only the inserted parameters; the base stays frozen (and byte-identical).
+
+    result = otter.train(omodel, pairs, objective="pairwise", eval_data=held_out, steps=200)
+
+Examples are dicts of token-id lists (already tokenized):
+- regression:  {"input_ids": [...], "score": float}   MSE of the reward at the last real token
+- pairwise:    {"chosen": [...], "rejected": [...]}    Bradley-Terry, -log sigmoid(r_chosen - r_rejected)
+- calibration: {"input_ids": [...]}                    cross-entropy of logits + alpha * calibration on
+               a target corpus (DExperts-style: the calibration logits learn the shift toward the expert)
+- medusa:      {"input_ids": [...]}                    head k predicts token t+k+2 (cross-entropy)
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from .data import batched, last_token_index, pad
+from .errors import OtterError
+from .model import OtterModel
+
+OBJECTIVES = ("regression", "pairwise", "calibration", "medusa")
+_NEEDS = {"regression": "reward", "pairwise": "reward", "calibration": "calibration", "medusa": "medusa"}
+
+
+@dataclass
+class TrainResult:
+    losses: list[float]  # training loss per optimizer step
+    evals: list[dict] = field(default_factory=list)  # {"step", "loss", metric...} per evaluation
+    steps: int = 0
+    seconds: float = 0.0
+    stopped_early: bool = False
+
+    @property
+    def final_eval(self) -> dict | None:
+        return self.evals[-1] if self.evals else None
+
+
+def _reward_last(omodel: OtterModel, ids, mask) -> torch.Tensor:
+    reward = omodel(input_ids=ids, attention_mask=mask).reward
+    last = last_token_index(mask)
+    r = reward[torch.arange(ids.shape[0]), last]
+    return r if r.dim() == 1 else r[:, 0]
+
+
+def _next_token_ce(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, shift: int) -> torch.Tensor:
+    """Cross-entropy of logits at t against the token at t+shift, over real tokens only."""
+    if ids.shape[1] <= shift:
+        return logits.sum() * 0.0
+    pred, target = logits[:, :-shift], ids[:, shift:]
+    valid = (mask[:, :-shift] * mask[:, shift:]).bool()
+    return F.cross_entropy(pred[valid].float(), target[valid])
+
+
+def batch_loss(omodel: OtterModel, examples: list[dict], objective: str, *, pad_id: int = 0,
+               alpha: float = 1.0) -> tuple[torch.Tensor, dict]:
+    """Loss of one batch and its metrics (pair accuracy for pairwise, ...)."""
+    if objective == "pairwise":
+        ids, mask = pad([e["chosen"] for e in examples] + [e["rejected"] for e in examples], pad_id)
+        r = _reward_last(omodel, ids, mask).float()
+        rc, rr = r[: len(examples)], r[len(examples):]
+        return -F.logsigmoid(rc - rr).mean(), {"pair_accuracy": (rc > rr).float().mean().item()}
+    ids, mask = pad([e["input_ids"] for e in examples], pad_id)
+    if objective == "regression":
+        r = _reward_last(omodel, ids, mask).float()
+        score = torch.tensor([float(e["score"]) for e in examples])
+        loss = F.mse_loss(r, score)
+        return loss, {"mse": loss.item()}
+    out = omodel(input_ids=ids, attention_mask=mask)
+    if objective == "calibration":
+        steered = out.logits.detach().float() + alpha * out.calibration.float()
+        loss = _next_token_ce(steered, ids, mask, 1)
+        return loss, {"ce": loss.item()}
+    if objective == "medusa":
+        losses = [_next_token_ce(out.medusa[:, :, k], ids, mask, k + 2) for k in range(out.medusa.shape[2])]
+        loss = torch.stack(losses).mean()
+        return loss, {"ce": loss.item()}
+    raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+
+
+def evaluate(omodel: OtterModel, data: list[dict], objective: str, *, batch_size: int = 16, pad_id: int = 0,
+             alpha: float = 1.0) -> dict:
+    """Mean loss and metrics over `data`, weighted by batch size, without gradients."""
+    totals: dict[str, float] = {}
+    n = 0
+    with torch.no_grad():
+        for chunk in batched(data, batch_size):
+            loss, metrics = batch_loss(omodel, chunk, objective, pad_id=pad_id, alpha=alpha)
+            for k, v in {"loss": loss.item(), **metrics}.items():
+                totals[k] = totals.get(k, 0.0) + v * len(chunk)
+            n += len(chunk)
+    return {k: v / max(n, 1) for k, v in totals.items()}
+
+
+def train(omodel: OtterModel, data: list[dict], objective: str = "pairwise", *, eval_data: list[dict] | None = None,
+          steps: int = 100, batch_size: int = 8, grad_accum: int = 1, lr: float = 1e-3, weight_decay: float = 0.0,
+          bf16: bool = False, seed: int = 0, eval_every: int = 0, patience: int = 0, pad_id: int = 0,
+          alpha: float = 1.0, progress: bool = True) -> TrainResult:
+    """AdamW over the inserted parameters only, `steps` optimizer steps of `batch_size * grad_accum` examples.
+
+    eval_every > 0 evaluates on eval_data every that many steps (and at the end); patience > 0 stops early
+    when the eval loss has not improved for that many evaluations. bf16 runs forward/backward under
+    CPU/GPU autocast. Seeded: the same call gives the same result.
+    """
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+    if _NEEDS[objective] not in omodel.spec.signals:
+        raise OtterError(f"objective {objective!r} trains the {_NEEDS[objective]!r} signal, but the spec inserted "
+                         f"{omodel.spec.signals}; insert with signal including {_NEEDS[objective]!r}")
+    if not data:
+        raise ValueError("no training examples")
+    params = list(omodel.inserted_parameters().values())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    device_type = params[0].device.type
+    autocast = torch.autocast(device_type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    result = TrainResult(losses=[])
+    best, stale = math.inf, 0
+    order: list[int] = []
+    bar = _progress(steps, progress)
+    t0 = time.perf_counter()
+    for step in range(1, steps + 1):
+        opt.zero_grad(set_to_none=True)
+        total = 0.0
+        for _ in range(grad_accum):
+            if len(order) < batch_size:
+                fresh = list(range(len(data)))
+                rng.shuffle(fresh)
+                order += fresh
+            chunk, order = [data[i] for i in order[:batch_size]], order[batch_size:]
+            with autocast:
+                loss, _ = batch_loss(omodel, chunk, objective, pad_id=pad_id, alpha=alpha)
+            (loss / grad_accum).backward()
+            total += loss.item() / grad_accum
+        opt.step()
+        result.losses.append(total)
+        result.steps = step
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{total:.4f}")
+        if eval_data and eval_every and (step % eval_every == 0 or step == steps):
+            ev = {"step": step, **evaluate(omodel, eval_data, objective, batch_size=batch_size, pad_id=pad_id, alpha=alpha)}
+            result.evals.append(ev)
+            if ev["loss"] < best - 1e-6:
+                best, stale = ev["loss"], 0
+            else:
+                stale += 1
+            if patience and stale >= patience:
+                result.stopped_early = True
+                break
+    if bar is not None:
+        bar.close()
+    if eval_data and not eval_every:
+        result.evals.append({"step": result.steps, **evaluate(omodel, eval_data, objective, batch_size=batch_size,
+                                                              pad_id=pad_id, alpha=alpha)})
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def _progress(total: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="otter train", leave=False)
