@@ -5,6 +5,7 @@
     otter.verify(model, omodel)
 """
 from .adapter import AdapterError, load, save
+from .deploy import MergeReport, compile, fuse, load_merged, merge
 from .errors import CaptureError, OtterError, SpecError, UnsupportedGraphError, VerificationError
 from .insert import insert
 from .model import OtterModel, OtterOutput
@@ -14,7 +15,7 @@ from .verify import VerifyReport, verify
 
 __all__ = [
     "insert", "verify", "train", "evaluate", "save", "load", "InsertSpec", "OtterModel", "OtterOutput",
-    "VerifyReport", "TrainResult", "AdapterError",
+    "VerifyReport", "TrainResult", "AdapterError", "merge", "load_merged", "fuse", "compile", "MergeReport",
     "OtterError", "SpecError", "UnsupportedGraphError", "CaptureError", "VerificationError",
 ]
 __version__ = "0.1.0"

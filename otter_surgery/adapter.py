@@ -139,7 +139,7 @@ def save(omodel: OtterModel, directory: str | os.PathLike) -> Path:
 def read_config(directory: str | os.PathLike, expected_format: str = FORMAT) -> dict:
     path = Path(directory) / ADAPTER_CONFIG
     if not path.exists():
-        raise AdapterError(f"{path} does not exist: not an otter adapter directory")
+        raise AdapterError(f"{path} does not exist: not an otter adapter or merged checkpoint directory")
     try:
         config = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:

@@ -42,7 +42,14 @@ def insert(model: nn.Module, spec: InsertSpec | None = None) -> OtterModel:
     gm.recompile()
     return OtterModel(gm, spec, ("logits", *spec.signals), captured.takes_mask, dict(ctx.param_names),
                       base_class=f"{type(model).__module__}.{type(model).__qualname__}",
-                      base_model_type=getattr(getattr(model, "config", None), "model_type", None))
+                      base_model_type=getattr(getattr(model, "config", None), "model_type", None),
+                      blocks=[(a.name, b.name, c.name) for a, b, c in ctx.blocks],
+                      base_config=_config_dict(model))
+
+
+def _config_dict(model: nn.Module) -> dict | None:
+    config = getattr(model, "config", None)
+    return config.to_dict() if hasattr(config, "to_dict") else None
 
 
 def _drop_unused_inserted(gm: torch.fx.GraphModule, names: dict[str, str]) -> None:

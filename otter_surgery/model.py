@@ -28,8 +28,12 @@ class OtterModel(nn.Module):
     (same storage, 0 bytes copied) and frozen; only `inserted_parameters()` train."""
 
     def __init__(self, graph_module: fx.GraphModule, spec: InsertSpec, outputs: tuple[str, ...],
-                 takes_mask: bool, param_names: dict[str, str], base_class: str = "", base_model_type: str | None = None):
+                 takes_mask: bool, param_names: dict[str, str], base_class: str = "", base_model_type: str | None = None,
+                 blocks: list[tuple[str, str, str]] | None = None, base_config: dict | None = None, form: str = "side-car"):
         super().__init__()
+        self.blocks = blocks or []  # (original linear, inserted linear, [x ; x_e]) node names, for fusing
+        self.base_config = base_config  # the user's model config, for merged checkpoints
+        self.form = form  # "side-car" (default) or "fused" (deploy.fuse / merged checkpoints)
         self.base_class = base_class  # "module.Class" of the user's model, for adapter fingerprints
         self.base_model_type = base_model_type
         self.graph_module = graph_module
@@ -39,12 +43,13 @@ class OtterModel(nn.Module):
         self.param_names = param_names  # attribute in graph_module.otter -> readable dotted name
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **_ignored) -> OtterOutput:
+        run = self.__dict__.get("_runner", self.graph_module)  # deploy.compile() sets a compiled runner
         if self.takes_mask:
             if attention_mask is None:
                 attention_mask = torch.ones_like(input_ids)
-            values = self.graph_module(input_ids, attention_mask)
+            values = run(input_ids, attention_mask)
         else:
-            values = self.graph_module(input_ids)
+            values = run(input_ids)
         return OtterOutput(**dict(zip(self.outputs, values)))
 
     def inserted_parameters(self) -> dict[str, nn.Parameter]:

@@ -71,6 +71,7 @@ class Context(Protocol):
     def emit(self, target, args, kwargs=None) -> fx.Node: ...
     def companion_param(self, attr: fx.Node, axis: int, size: int, unit: int) -> fx.Node: ...
     def linear_params(self, node: fx.Node, info: LinearInfo, comp_in: Comp) -> tuple[fx.Node, fx.Node | None, "Comp"] | None: ...
+    def record_block(self, node: fx.Node, inserted: fx.Node, x_cat: fx.Node) -> None: ...
 
 
 RULES: dict[str, Callable[[Context, fx.Node], Comp | None]] = {}
@@ -461,6 +462,7 @@ def linear(ctx: Context, node: fx.Node) -> Comp | None:
         y = ctx.emit(aten.addmm.default, (b_e, x_cat, w_e), dict(node.kwargs))
     else:
         y = ctx.emit(aten.mm.default, (x_cat, w_e))
+    ctx.record_block(node, y, x_cat)  # deploy.fuse() can turn the pair into one [[W, 0], [A, B]] GEMM
     return replace(out, node=y)
 
 

@@ -42,6 +42,7 @@ class Rewrite:
         self.param_names: dict[str, str] = {}  # attribute name in gm.otter -> readable dotted name
         self._slices: dict[tuple, fx.Node] = {}
         self.signal_nodes: dict[str, fx.Node] = {}
+        self.blocks: list[tuple[fx.Node, fx.Node, fx.Node]] = []  # (original linear, inserted linear, [x ; x_e])
 
     # -- nodes ---------------------------------------------------------------------------------------------
     def at(self, node: fx.Node) -> None:
@@ -101,6 +102,9 @@ class Rewrite:
             b_e = self.new_param(self.readable(info.bias), inits.linear_bias(b, rows, self.spec.init), b.dtype, b.device)
         out = Comp(node=node, axis=len(node.meta["val"].shape) - 1, size=width.size, kind=width.kind, unit=width.unit)
         return w_e, b_e, out
+
+    def record_block(self, node: fx.Node, inserted: fx.Node, x_cat: fx.Node) -> None:
+        self.blocks.append((node, inserted, x_cat))
 
     # -- invariants ---------------------------------------------------------------------------------------
     def assert_originals_untouched(self) -> None:
