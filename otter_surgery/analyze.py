@@ -148,22 +148,20 @@ class Analysis:
     def widths(self, spec: InsertSpec) -> dict[fx.Node, Width]:
         """Companion width of every linear's output, from the spec and the linear's role."""
         n_q = self.query_heads()
-        if n_q:
-            # Smallest extra_heads that keeps every head-split linear (k/v under GQA) whole.
-            step = 1
-            for node, r in self.roles.items():
-                if r.kind == "heads":
-                    need = n_q // gcd(n_q, r.heads)
-                    step = step * need // gcd(step, need)
-            if spec.extra_heads % step:
-                node = next(n for n, r in self.roles.items() if r.kind == "heads" and n_q % r.heads == 0 and r.heads != n_q) \
-                    if any(r.kind == "heads" and r.heads != n_q for r in self.roles.values()) else None
-                where = f" (e.g. {module_path(node)} has {self.roles[node].heads} heads)" if node is not None else ""
-                raise SpecError(
-                    "extra_heads",
-                    f"must be a multiple of {step}: the model has {n_q} query heads and fewer key/value heads{where}; "
-                    f"inserted query heads bring their own KV heads in the model's grouping, got {spec.extra_heads}",
-                )
+        heads = {node: r for node, r in self.roles.items() if r.kind == "heads"}
+        # Smallest extra_heads that keeps every head-split linear whole (k/v under GQA: n_q / n_kv).
+        step = 1
+        for r in heads.values():
+            need = n_q // gcd(n_q, r.heads)
+            step = step * need // gcd(step, need)
+        if spec.extra_heads % step:
+            fewest = min(heads, key=lambda n: heads[n].heads)
+            raise SpecError(
+                "extra_heads",
+                f"must be a multiple of {step}: the model has {n_q} query heads and {heads[fewest].heads} key/value "
+                f"heads ({module_path(fewest)}); inserted query heads bring their own KV heads in the model's "
+                f"grouping, got {spec.extra_heads}",
+            )
         out: dict[fx.Node, Width] = {}
         for node, r in self.roles.items():
             o = self.linears[node].out_features
