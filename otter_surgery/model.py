@@ -42,7 +42,12 @@ class OtterModel(nn.Module):
         self.takes_mask = takes_mask
         self.param_names = param_names  # attribute in graph_module.otter -> readable dotted name
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **_ignored) -> OtterOutput:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs) -> OtterOutput:
+        # The graph was captured for (input_ids, attention_mask) without a KV cache; refusing other inputs
+        # (position_ids, past_key_values, labels, ...) beats silently computing something else.
+        unsupported = {k for k, v in kwargs.items() if v is not None and k not in ("use_cache", "return_dict")}
+        if unsupported:
+            raise TypeError(f"OtterModel.forward takes input_ids and attention_mask only; got {sorted(unsupported)}")
         run = self.__dict__.get("_runner", self.graph_module)  # deploy.compile() sets a compiled runner
         if self.takes_mask:
             if attention_mask is None:

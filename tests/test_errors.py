@@ -100,3 +100,11 @@ def test_missing_real_model_message_names_the_install_command(monkeypatch):
     with pytest.raises(OtterError) as err:
         smollm2_dir()
     assert INSTALL_HINT in str(err.value)
+
+
+def test_unsupported_forward_inputs_are_refused(tiny_llama):
+    omodel = otter.insert(tiny_llama, otter.InsertSpec(extra_dim=4, extra_heads=3, extra_ffn=4))
+    ids = torch.randint(0, 61, (1, 4))
+    with pytest.raises(TypeError, match="position_ids"):
+        omodel(input_ids=ids, position_ids=torch.arange(4)[None])
+    omodel(input_ids=ids, use_cache=False)
