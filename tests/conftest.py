@@ -1,3 +1,4 @@
+import hashlib
 import os
 
 import pytest
@@ -15,6 +16,18 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 # The core families (issue 3) and the ones whose graphs differ the way real models differ (issue 4):
 # Conv1D/addmm + fused c_attn (gpt2), interleaved fused qkv + parallel residual + partial rotary (gpt_neox),
 # fused qkv_proj and gate_up_proj (phi3), per-head q/k norm (qwen3), LayerNorm + ReLU + projections (opt).
+def state_digest(model, flags: bool = False) -> str:
+    """sha256 over every tensor of the model's state (and, with flags, requires_grad and training flags)."""
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict(keep_vars=True).items()):
+        h.update(k.encode() + str(v.dtype).encode() + v.detach().contiguous().view(torch.uint8).numpy().tobytes())
+        if flags:
+            h.update(str(v.requires_grad).encode())
+    if flags:
+        h.update(str([m.training for m in model.modules()]).encode())
+    return h.hexdigest()
+
+
 ARCHS = ("llama", "mistral", "qwen2", "gpt2", "gpt_neox", "phi3", "qwen3", "opt")
 
 

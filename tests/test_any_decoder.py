@@ -1,6 +1,4 @@
 """Any decoder: per-family checks on every family of the suite, plain PyTorch decoders, and MoE refusal."""
-import hashlib
-
 import pytest
 import torch
 from hypothesis import given, settings
@@ -11,15 +9,8 @@ from otter_surgery.errors import UnsupportedGraphError
 from otter_surgery.support import tiny_config
 from otter_surgery.verify import reference_logits
 
-from .conftest import ARCHS
+from .conftest import ARCHS, state_digest
 from .plain_models import NanoGPT, SdpaDecoder
-
-
-def digest(model):
-    h = hashlib.sha256()
-    for k, v in sorted(model.state_dict().items()):
-        h.update(k.encode() + v.contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 def signals(out):
@@ -47,10 +38,10 @@ def check_matters(model, omodel, vocab):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_family_gradients_and_untouched(arch):
     model = ot.build_model(tiny_config(arch, num_hidden_layers=2), torch.float32)
-    before = digest(model)
+    before = state_digest(model)
     omodel = otter.insert(model, otter.InsertSpec(extra_dim=6, extra_heads=ot.heads_step(model.config), extra_ffn=10))
     check_matters(model, omodel, model.config.vocab_size)
-    assert digest(model) == before
+    assert state_digest(model) == before
 
 
 @pytest.mark.parametrize("make", [NanoGPT, SdpaDecoder], ids=["nanogpt_explicit_attention", "sdpa_is_causal"])
@@ -58,11 +49,11 @@ def test_plain_pytorch_decoders(make):
     torch.manual_seed(0)
     model = make().eval()
     vocab = model.lm_head.out_features if hasattr(model, "lm_head") else model.out.out_features
-    before = digest(model)
+    before = state_digest(model)
     omodel = otter.insert(model, otter.InsertSpec(extra_dim=4, extra_heads=1, extra_ffn=8, signal=("reward", "calibration", "medusa")))
     assert otter.verify(model, omodel, max_examples=50, max_seq=48).examples == 50
     check_matters(model, omodel, vocab)
-    assert digest(model) == before
+    assert state_digest(model) == before
 
 
 @settings(max_examples=50)

@@ -1,6 +1,4 @@
 """Training touches only inserted parameters; objectives learn on toy data."""
-import hashlib
-
 import pytest
 import torch
 
@@ -8,12 +6,7 @@ import otter_surgery as otter
 from otter_surgery.data import last_token_index, pad
 from otter_surgery.errors import OtterError
 
-
-def base_hash(model):
-    h = hashlib.sha256()
-    for k, v in sorted(model.state_dict().items()):
-        h.update(k.encode() + v.contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+from .conftest import state_digest
 
 
 def separable_pairs(n, seed):
@@ -36,7 +29,7 @@ def test_pad_and_last_token():
 
 
 def test_pairwise_learns_separable_toy_set_with_frozen_base(tiny_llama):
-    before = base_hash(tiny_llama)
+    before = state_digest(tiny_llama)
     ids = torch.randint(0, 61, (3, 10), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         logits_before = tiny_llama(input_ids=ids).logits
@@ -45,7 +38,7 @@ def test_pairwise_learns_separable_toy_set_with_frozen_base(tiny_llama):
                          steps=60, batch_size=16, lr=3e-3, eval_every=20, progress=False)
     assert result.final_eval["pair_accuracy"] > 0.9, result.evals
     assert sum(result.losses[-10:]) / 10 < sum(result.losses[:10]) / 10
-    assert base_hash(tiny_llama) == before
+    assert state_digest(tiny_llama) == before
     with torch.no_grad():
         assert torch.equal(omodel(input_ids=ids).logits, logits_before)
         assert torch.equal(tiny_llama(input_ids=ids).logits, logits_before)
