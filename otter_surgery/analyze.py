@@ -18,8 +18,8 @@ import networkx as nx
 import torch.fx as fx
 
 from .errors import SpecError, UnsupportedGraphError, module_path
-from .graph_utils import get_attr_tensor, numeric_shape, op_name, product, reshape_groups, shape, val
-from .oprules import ATTENTION_OPS, ELEMENTWISE_OPS, RESHAPE_OPS, LinearInfo, linear_info
+from .graph_utils import concrete_size, get_attr_tensor, numeric_shape, op_name, product, reshape_groups, shape, val
+from .oprules import ATTENTION_OPS, ELEMENTWISE_OPS, NORM_OPS, RESHAPE_OPS, LinearInfo, linear_info
 from .spec import InsertSpec
 
 
@@ -81,8 +81,8 @@ class Analysis:
             for u in n.users:
                 if val(u) is None:
                     continue
-                # Elementwise ops, and reshapes that only flatten/unflatten the token axes (OPT's FFN).
-                keeps_width = op_name(u) in RESHAPE_OPS and shape(u)[-1] == shape(n)[-1]
+                # Elementwise ops, norms (post-LN blocks) and reshapes of the token axes only (OPT's FFN).
+                keeps_width = op_name(u) in RESHAPE_OPS | NORM_OPS and shape(u)[-1] == shape(n)[-1]
                 if op_name(u) in ELEMENTWISE_OPS or keeps_width:
                     todo.append(u)
         return seen
@@ -91,8 +91,9 @@ class Analysis:
         """(heads, unit) if this view splits the last axis of `src` into [heads, unit...], else None."""
         in_sh, out_sh = shape(src), shape(view)
         for gi, gj in reshape_groups(in_sh, out_sh):
-            if len(in_sh) - 1 in gi and len(gj) >= 2:
-                return numeric_shape([out_sh[gj[0]]])[0], product([out_sh[j] for j in gj[1:]])
+            static = all(concrete_size(out_sh[j]) is not None for j in gj)  # heads never depend on the sequence
+            if len(in_sh) - 1 in gi and len(gj) >= 2 and static:
+                return concrete_size(out_sh[gj[0]]), product([out_sh[j] for j in gj[1:]])
         return None
 
     def _role(self, linear: fx.Node) -> Role:
@@ -145,15 +146,20 @@ class Analysis:
     def query_heads(self) -> int:
         return max((r.heads for r in self.roles.values() if r.kind == "heads"), default=0)
 
+    def heads_step(self) -> int:
+        """Smallest extra_heads that keeps every head-split linear whole (k/v under GQA: n_q / n_kv)."""
+        n_q, step = self.query_heads(), 1
+        for r in self.roles.values():
+            if r.kind == "heads":
+                need = n_q // gcd(n_q, r.heads)
+                step = step * need // gcd(step, need)
+        return step
+
     def widths(self, spec: InsertSpec) -> dict[fx.Node, Width]:
         """Companion width of every linear's output, from the spec and the linear's role."""
         n_q = self.query_heads()
         heads = {node: r for node, r in self.roles.items() if r.kind == "heads"}
-        # Smallest extra_heads that keeps every head-split linear whole (k/v under GQA: n_q / n_kv).
-        step = 1
-        for r in heads.values():
-            need = n_q // gcd(n_q, r.heads)
-            step = step * need // gcd(step, need)
+        step = self.heads_step()
         if spec.extra_heads % step:
             fewest = min(heads, key=lambda n: heads[n].heads)
             raise SpecError(

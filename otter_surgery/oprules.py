@@ -104,12 +104,17 @@ def _single_comp(ctx: Context, node: fx.Node) -> tuple[fx.Node, Comp]:
 
 # -- elementwise ---------------------------------------------------------------------------------------
 
-ELEMENTWISE_OPS = {
-    "add", "sub", "mul", "div", "neg", "rsqrt", "sqrt", "pow", "exp", "log", "tanh", "sigmoid", "silu", "gelu",
-    "relu", "erf", "abs", "reciprocal", "square", "clamp", "minimum", "maximum", "where", "masked_fill",
+_FUNCTIONAL_ELEMENTWISE = {
+    "add", "sub", "mul", "div", "neg", "rsqrt", "sqrt", "pow", "exp", "exp2", "expm1", "log", "log1p", "log2",
+    "tanh", "sigmoid", "silu", "gelu", "relu", "relu6", "erf", "abs", "sign", "reciprocal", "square", "clamp",
+    "clamp_min", "clamp_max", "minimum", "maximum", "where", "masked_fill", "sin", "cos", "floor", "ceil", "round",
     "to", "_to_copy", "type_as", "clone", "alias", "contiguous", "detach", "dropout", "softplus", "hardtanh",
-    "leaky_relu", "elu", "mish", "gelu_", "relu_", "native_dropout", "lift_fresh_copy", "copy",
+    "leaky_relu", "elu", "selu", "celu", "mish", "hardswish", "hardsigmoid", "native_dropout", "lift_fresh_copy",
+    "copy", "gt", "lt", "ge", "le", "eq", "ne", "logical_and", "logical_or", "logical_not", "bitwise_and",
+    "bitwise_or", "bitwise_not", "fmod", "remainder", "lerp", "addcmul", "addcdiv", "nan_to_num", "atan", "xlogy",
 }
+# In-place variants (x.add_(y)) stay in place on the companion too, so aliasing reads see the same values.
+ELEMENTWISE_OPS = _FUNCTIONAL_ELEMENTWISE | {name + "_" for name in _FUNCTIONAL_ELEMENTWISE}
 
 
 class _ZeroOperand(Exception):
@@ -175,7 +180,7 @@ def elementwise(ctx: Context, node: fx.Node) -> Comp | None:
         kwargs = {k: widen(v) for k, v in node.kwargs.items()}
     except _ZeroOperand as z:
         # A full-width operand without inserted dims contributes zeros to them: fine for a sum.
-        name = op_name(node)
+        name = op_name(node).rstrip("_")
         if name == "add" and len(node.args) == 2 and not node.kwargs:
             return first
         if name == "sub" and len(node.args) == 2 and node.args[0] in ctx.comps and not node.kwargs:
@@ -187,10 +192,12 @@ def elementwise(ctx: Context, node: fx.Node) -> Comp | None:
 
 # -- reductions: statistics come from the original dims only --------------------------------------------
 
-@rule("mean", "sum", "var", "std", "amax", "amin", "var_mean", "logsumexp")
+@rule("mean", "sum", "var", "std", "amax", "amin", "var_mean", "logsumexp", "max", "min", "prod", "norm")
 def reduction(ctx: Context, node: fx.Node) -> Comp | None:
     """A reduction over the inserted axis (a norm's mean/variance) is computed from the original dims only:
     the original node is already that, so it gets no companion and is broadcast back by `elementwise`."""
+    if len(node.args) > 1 and isinstance(node.args[1], fx.Node):
+        return elementwise(ctx, node)  # max.other / min.other: the binary elementwise overloads
     src, c = _single_comp(ctx, node)
     nd = ndim(src)
     dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
@@ -202,7 +209,10 @@ def reduction(ctx: Context, node: fx.Node) -> Comp | None:
         return None
     keep = node.args[2] if len(node.args) > 2 and isinstance(node.args[2], bool) else node.kwargs.get("keepdim", False)
     axis = c.axis if keep else c.axis - sum(d < c.axis for d in dims)
-    return replace(c, node=ctx.emit(node.target, _sub_arg(node.args, src, c.node), dict(node.kwargs)), axis=axis)
+    new = ctx.emit(node.target, _sub_arg(node.args, src, c.node), dict(node.kwargs))
+    outputs = node.meta.get("val")
+    sizes = [c.size] * len(outputs) if isinstance(outputs, (tuple, list)) else None  # max.dim: (values, indices)
+    return replace(c, node=new, axis=axis, sizes=sizes)
 
 
 @rule("_softmax", "softmax", "_log_softmax", "log_softmax")
@@ -216,6 +226,7 @@ def softmax(ctx: Context, node: fx.Node) -> Comp | None:
 # -- layout ops ---------------------------------------------------------------------------------------
 
 RESHAPE_OPS = {"view", "reshape", "_unsafe_view"}
+NORM_OPS = {"layer_norm", "rms_norm"}
 
 
 @rule(*RESHAPE_OPS)
@@ -265,6 +276,20 @@ def flatten(ctx: Context, node: fx.Node) -> Comp | None:
         _fail(node, "flattening would interleave inserted and original dims")
     after = product([in_sh[a] for a in range(c.axis + 1, end + 1)])
     return replace(c, node=new, axis=start, size=c.size * after, unit=c.unit * after)
+
+
+@rule("view_as", "reshape_as", "expand_as")
+def like(ctx: Context, node: fx.Node) -> Comp | None:
+    """x.view_as(y): shaped like y, so the companion is shaped like y's companion."""
+    x, other = node.args[:2]
+    cx, co = ctx.comps.get(x), ctx.comps.get(other)
+    if co is None:
+        _fail(node, "reshapes a tensor with inserted dims like one without")
+    if cx is None:
+        if op_name(node) == "expand_as":
+            return replace(co, node=ctx.emit(node.target, (x, co.node)), sizes=None)  # x broadcasts
+        return None
+    return replace(co, node=ctx.emit(node.target, (cx.node, co.node)), sizes=None)
 
 
 @rule("expand")
@@ -348,12 +373,19 @@ def select(ctx: Context, node: fx.Node) -> Comp | None:
 def cat(ctx: Context, node: fx.Node) -> Comp | None:
     tensors = node.args[0]
     dim = _norm_dim(node.args[1] if len(node.args) > 1 else 0, ndim(node))
-    comps = [ctx.comps.get(t) for t in tensors]
-    if any(cp is None for cp in comps):
-        _fail(node, "concatenates tensors with and without inserted dims")
-    if len({cp.axis for cp in comps}) != 1 or comps[0].axis == dim:
+    known = [ctx.comps[t] for t in tensors if t in ctx.comps]
+    if len({cp.axis for cp in known}) != 1 or known[0].axis == dim:
         _fail(node, "concatenates along the inserted axis")
-    return replace(comps[0], node=ctx.emit(node.target, ([cp.node for cp in comps], node.args[1] if len(node.args) > 1 else 0)))
+    c = known[0]
+    parts = []
+    for t in tensors:
+        if t in ctx.comps:
+            parts.append(ctx.comps[t].node)
+        elif _parameter_derived(ctx, t):
+            parts.append(_widen_parameter(ctx, t, c.axis, c.size, c.unit))
+        else:
+            _fail(node, "concatenates tensors with and without inserted dims")
+    return replace(c, node=ctx.emit(node.target, (parts, node.args[1] if len(node.args) > 1 else 0)))
 
 
 @rule("stack")
@@ -415,6 +447,10 @@ def sdpa(ctx: Context, node: fx.Node) -> Comp | None:
     q, k, v = node.args[:3]
     cq, ck, cv = (ctx.comps.get(t) for t in (q, k, v))
     head_axis = ndim(q) - 3
+    shared_kv = ck is None and cv is None and all(numeric_shape(shape(t))[head_axis] == 1 for t in (k, v))
+    if cq is not None and shared_kv and cq.axis == head_axis:
+        # Multi-query attention: every head reads the one KV head, inserted heads too.
+        ck, cv = replace(cq, node=k), replace(cq, node=v)
     if cq is None or ck is None or cv is None or {cq.axis, ck.axis, cv.axis} != {head_axis}:
         _fail(node, "inserted heads must come with their own query, key and value heads")
     mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
@@ -468,12 +504,27 @@ def linear(ctx: Context, node: fx.Node) -> Comp | None:
 
 # -- norms that hide their statistics -------------------------------------------------------------------
 
+def _per_unit_norm(ctx: Context, node: fx.Node, c: Comp) -> Comp:
+    """A norm over axes that do not hold inserted dims (per-head q/k norms): each inserted head is
+    normalized on its own, with the same op and weights as every original head."""
+    args = (c.node, *node.args[1:])
+    return replace(c, node=ctx.emit(node.target, args, dict(node.kwargs)))
+
+
+def _norm_param(ctx: Context, node: fx.Node, p: fx.Node, c: Comp) -> fx.Node:
+    if not _parameter_derived(ctx, p):
+        _fail(node, f"the norm's scale/bias '{p.name}' is computed from activations, not parameters")
+    return _widen_parameter(ctx, p, 0, c.size, c.unit)
+
+
 @rule("layer_norm")
 def layer_norm(ctx: Context, node: fx.Node) -> Comp | None:
     """LayerNorm on original dims: mean and rstd come from a native_layer_norm of the *original* input
     (the original layer_norm node is left alone); inserted dims are (x_e - mean) * rstd * w_e + b_e."""
     x, normalized_shape = node.args[0], node.args[1]
     c = ctx.comps[x]
+    if c.axis < ndim(x) - len(normalized_shape):
+        return _per_unit_norm(ctx, node, c)
     if c.axis != ndim(x) - 1 or len(normalized_shape) != 1:
         _fail(node, "LayerNorm over more than the last (inserted) axis")
     w = node.args[2] if len(node.args) > 2 else node.kwargs.get("weight")
@@ -484,9 +535,9 @@ def layer_norm(ctx: Context, node: fx.Node) -> Comp | None:
     rstd = ctx.emit(operator.getitem, (stats, 2))
     e = ctx.emit(aten.mul.Tensor, (ctx.emit(aten.sub.Tensor, (c.node, mean)), rstd))
     if isinstance(w, fx.Node):
-        e = ctx.emit(aten.mul.Tensor, (e, ctx.companion_param(w, 0, c.size, c.unit)))
+        e = ctx.emit(aten.mul.Tensor, (e, _norm_param(ctx, node, w, c)))
     if isinstance(b, fx.Node):
-        e = ctx.emit(aten.add.Tensor, (e, ctx.companion_param(b, 0, c.size, c.unit)))
+        e = ctx.emit(aten.add.Tensor, (e, _norm_param(ctx, node, b, c)))
     e = ctx.emit(aten.to.dtype, (e, val(node).dtype))
     return replace(c, node=e)
 
@@ -496,6 +547,8 @@ def rms_norm(ctx: Context, node: fx.Node) -> Comp | None:
     """Fused RMSNorm: rstd recomputed from the original input only; inserted dims are x_e * rstd * w_e."""
     x, normalized_shape = node.args[0], node.args[1]
     c = ctx.comps[x]
+    if c.axis < ndim(x) - len(normalized_shape):
+        return _per_unit_norm(ctx, node, c)
     if c.axis != ndim(x) - 1 or len(normalized_shape) != 1:
         _fail(node, "RMSNorm over more than the last (inserted) axis")
     w = node.args[2] if len(node.args) > 2 else node.kwargs.get("weight")
@@ -509,5 +562,5 @@ def rms_norm(ctx: Context, node: fx.Node) -> Comp | None:
     e = ctx.emit(aten.mul.Tensor, (ctx.emit(aten.to.dtype, (c.node, torch.float32)), rstd))
     e = ctx.emit(aten.to.dtype, (e, dtype))
     if isinstance(w, fx.Node):
-        e = ctx.emit(aten.mul.Tensor, (e, ctx.companion_param(w, 0, c.size, c.unit)))
+        e = ctx.emit(aten.mul.Tensor, (e, _norm_param(ctx, node, w, c)))
     return replace(c, node=e)

@@ -44,8 +44,9 @@ def check_family(arch: str) -> SupportRow:
     import torch
 
     import otter_surgery as otter
-    from otter_surgery.capture import capture
-    from otter_surgery.testing import build_model, heads_step
+    from otter_surgery.analyze import Analysis
+    from otter_surgery.capture import _vocab_size, capture
+    from otter_surgery.testing import build_model
     from otter_surgery.verify import bits_equal, reference_logits
 
     row = SupportRow(arch)
@@ -59,16 +60,13 @@ def check_family(arch: str) -> SupportRow:
         try:
             model = model.to(dtype)
             if dtype == torch.float32:
-                capture(model)
+                graph = capture(model).graph_module
                 row.captured = True
-            try:
-                step = heads_step(cfg)
-            except Exception:
-                step = 1
+                step = Analysis(graph).heads_step()  # read off the graph, not the config
             omodel = otter.insert(model, otter.InsertSpec(extra_dim=4, extra_heads=step, extra_ffn=8))
             row.inserted = True
             gen = torch.Generator().manual_seed(0)
-            ids = torch.randint(3, cfg.vocab_size, (2, 9), generator=gen)
+            ids = torch.randint(3, _vocab_size(model), (2, 9), generator=gen)
             mask = torch.ones_like(ids)
             mask[0, :3] = 0
             batch = {"input_ids": ids, "attention_mask": mask}
