@@ -10,7 +10,7 @@ No model_type switches: a new architecture needs new op rules at most, never a n
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from fractions import Fraction
 from math import gcd
 
@@ -29,6 +29,13 @@ class Role:
     heads: int = 0  # heads the output splits into (kind == "heads")
     unit: int = 1  # contiguous output elements that form one unit (a head, for kind == "heads")
     inner: int = 0  # in_features of the linear that reads this output (kind == "ffn")
+    operands: frozenset = frozenset()  # attention operands it feeds: "query", "key", "value"
+
+    @property
+    def key_only(self) -> bool:
+        """Feeds attention keys only: a bias on its inserted outputs would shift every score of a query by
+        the same amount, which softmax ignores, so no such bias is inserted."""
+        return self.operands == {"key"}
 
 
 @dataclass
@@ -102,9 +109,12 @@ class Analysis:
         while todo:
             n, split = todo.pop(0)
             for u in n.users:
+                name = op_name(u)
+                if name in ATTENTION_OPS and split:  # before `seen`: q, k, v of a fused output meet here
+                    found.append(Role("heads", *split, operands=frozenset({self._operand(u, n)})))
+                    continue
                 if u in seen:
                     continue
-                name = op_name(u)
                 if u.op == "output":
                     found.append(Role("none"))
                     continue
@@ -115,9 +125,6 @@ class Analysis:
                 seen.add(u)
                 if name in ("add", "sub") and any(a in self.residual for a in u.all_input_nodes if a is not n):
                     return Role("residual")
-                if name in ATTENTION_OPS and split:
-                    found.append(Role("heads", *split))
-                    continue
                 if name in RESHAPE_OPS and split is None:
                     hs = self._head_split(u, n)
                     if hs is not None:
@@ -126,10 +133,33 @@ class Analysis:
                 if val(u) is not None or name in ("split", "split_with_sizes", "chunk", "unbind", "getitem"):
                     todo.append((u, split))
         for kind in ("heads", "ffn", "none"):
-            for r in found:
-                if r.kind == kind:
-                    return r
+            same = [r for r in found if r.kind == kind]
+            if same:
+                return replace(same[0], operands=frozenset().union(*(r.operands for r in same)))
         return Role("none")
+
+    def _operand(self, attention: fx.Node, src: fx.Node) -> str:
+        """Which attention operand `src` is: SDPA's (q, k, v); for explicit attention, the right operand of
+        the matmul whose scores reach a softmax is the key, of the other matmul the value."""
+        index = attention.args.index(src) if src in attention.args[:3] else -1
+        if op_name(attention) == "scaled_dot_product_attention":
+            return ("query", "key", "value")[index] if index >= 0 else "mask"
+        scores = self._reaches_softmax(attention)
+        if index == 0:
+            return "query" if scores else "probs"
+        return "key" if scores else "value"
+
+    def _reaches_softmax(self, node: fx.Node) -> bool:
+        todo, seen = [node], set()
+        while todo:
+            for u in todo.pop().users:
+                name = op_name(u)
+                if name in ("softmax", "_softmax"):
+                    return True
+                if u not in seen and u not in self.linears and name not in ATTENTION_OPS:
+                    seen.add(u)
+                    todo.append(u)
+        return False
 
     def _final_hidden(self) -> tuple[fx.Node, fx.Node]:
         out = next(n for n in self.graph.nodes if n.op == "output")

@@ -53,7 +53,10 @@ def fuse(omodel: OtterModel) -> OtterModel:
             else:
                 wide = torch.cat([torch.cat([w, w.new_zeros(o, i_e)], 1), w_e], 0)
             b, b_e = (get_attr_tensor(gm, n) if n is not None else None for n in (info.bias, ins_info.bias))
-            bias = torch.cat([b, b_e]) if b is not None and b_e is not None else None
+            if b is not None:  # an inserted key projection has no bias of its own (softmax ignores it)
+                bias = torch.cat([b, b_e if b_e is not None else b.new_zeros(wide.shape[1 if info.transposed else 0] - o)])
+            else:
+                bias = b_e
         fused.register_parameter(f"w{k}", nn.Parameter(wide, requires_grad=False))
         with gm.graph.inserting_before(ins.next):
             w_node = gm.graph.get_attr(f"otter_fused.w{k}")

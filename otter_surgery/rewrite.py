@@ -98,7 +98,7 @@ class Rewrite:
         b = get_attr_tensor(self.gm, info.bias) if info.bias is not None else None
         if info.bias is not None and b is None:
             raise OtterError(f"linear '{module_path(node)}' has a computed bias; only parameter biases are supported")
-        if b is not None:
+        if b is not None and not self.analysis.roles[node].key_only:
             b_e = self.new_param(self.readable(info.bias), inits.linear_bias(b, rows, self.spec.init), b.dtype, b.device)
         out = Comp(node=node, axis=len(node.meta["val"].shape) - 1, size=width.size, kind=width.kind, unit=width.unit)
         return w_e, b_e, out

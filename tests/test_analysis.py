@@ -38,3 +38,25 @@ def test_fused_qkv_and_explicit_attention_roles():
     assert roles["h.0.c_proj"].kind == "residual" and roles["h.0.mlp_proj"].kind == "residual"
     assert (roles["h.0.c_fc"].kind, roles["h.0.c_fc"].inner) == ("ffn", 64)
     assert len(analysis.stream_embeddings) == 2  # token and learned position embeddings
+
+
+def test_attention_operands_are_found(tiny_llama):
+    roles, _ = roles_by_module(tiny_llama)
+    ops = {p: roles[f"model.layers.0.self_attn.{p}"].operands for p in ("q_proj", "k_proj", "v_proj")}
+    assert ops == {"q_proj": {"query"}, "k_proj": {"key"}, "v_proj": {"value"}}
+    assert roles["model.layers.0.self_attn.k_proj"].key_only
+    torch.manual_seed(0)
+    nano, _ = roles_by_module(NanoGPT(d=16, n_head=2).eval())
+    assert nano["h.0.c_attn"].operands == {"query", "key", "value"}  # fused: keeps its bias
+
+
+def test_key_projection_gets_no_inserted_bias():
+    import otter_surgery as otter
+    from otter_surgery.support import tiny_config
+    from otter_surgery.testing import build_model
+
+    model = build_model(tiny_config("qwen2"))  # q/k/v projections with bias
+    names = otter.insert(model, otter.InsertSpec(extra_dim=4, extra_heads=2, extra_ffn=4)).inserted_parameters()
+    assert "model.layers.0.self_attn.q_proj.bias.inserted" in names
+    assert "model.layers.0.self_attn.v_proj.bias.inserted" in names
+    assert "model.layers.0.self_attn.k_proj.bias.inserted" not in names
