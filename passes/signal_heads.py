@@ -28,13 +28,14 @@ class SignalHeads(PassBase):
         hidden = self.ctx.analysis.final_hidden
         if hidden not in self.ctx.comps:
             raise UnsupportedGraphError(hidden, "the inserted dims do not reach the final hidden state")
+        self.logits = self._outputs(gm)[0]
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         ctx = self.ctx
         hidden = ctx.analysis.final_hidden
         comp = ctx.comps[hidden]
         out = next(n for n in gm.graph.nodes if n.op == "output")
-        logits = out.args[0][0] if isinstance(out.args[0], (tuple, list)) else out.args[0]
+        logits = self.logits
         ctx.current, ctx.cursor = None, out
         d = shape(hidden)[-1]
         width = d + comp.size
@@ -64,5 +65,9 @@ class SignalHeads(PassBase):
 
     def ensures(self, gm: fx.GraphModule) -> None:
         self.ctx.assert_originals_untouched()
+        assert self._outputs(gm)[0] is self.logits, "the first output must stay the original logits node"
+
+    @staticmethod
+    def _outputs(gm: fx.GraphModule) -> tuple:
         out = next(n for n in gm.graph.nodes if n.op == "output")
-        assert out.args[0][0] is self.ctx.analysis.logits_linear or out.args[0][0] in self.ctx.originals
+        return tuple(out.args[0]) if isinstance(out.args[0], (tuple, list)) else (out.args[0],)
