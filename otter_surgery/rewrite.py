@@ -13,7 +13,7 @@ from torch import nn
 
 from . import init as inits
 from .analyze import Analysis, Width
-from .errors import OtterError, module_path
+from .errors import OtterError, UnsupportedGraphError, module_path
 from .graph_utils import get_attr_tensor
 from .oprules import Comp, LinearInfo
 from .spec import InsertSpec
@@ -86,6 +86,9 @@ class Rewrite:
         width = self.widths[node]
         if width.size == 0:
             return None
+        b = get_attr_tensor(self.gm, info.bias) if info.bias is not None else None
+        if info.bias is not None and b is None:
+            raise UnsupportedGraphError(node, "the linear's bias is computed, not a parameter")
         w = get_attr_tensor(self.gm, info.weight)
         w_oi = w.t() if info.transposed else w
         rows = inits.spread_index(info.out_features, width.size, width.unit)
@@ -95,9 +98,6 @@ class Rewrite:
             block = block.t()
         w_e = self.new_param(self.readable(info.weight), block, w.dtype, w.device)
         b_e = None
-        b = get_attr_tensor(self.gm, info.bias) if info.bias is not None else None
-        if info.bias is not None and b is None:
-            raise OtterError(f"linear '{module_path(node)}' has a computed bias; only parameter biases are supported")
         if b is not None and not self.analysis.roles[node].key_only:
             b_e = self.new_param(self.readable(info.bias), inits.linear_bias(b, rows, self.spec.init), b.dtype, b.device)
         out = Comp(node=node, axis=len(node.meta["val"].shape) - 1, size=width.size, kind=width.kind, unit=width.unit)
