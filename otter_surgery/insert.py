@@ -4,10 +4,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .capture import capture
+from .capture import capture, example_inputs
+from .errors import OtterError
 from .model import OtterModel
 from .rewrite import Rewrite
 from .spec import InsertSpec
+from .verify import bits_equal, reference_logits
 
 
 def _freeze_shared(gm: torch.fx.GraphModule) -> None:
@@ -40,6 +42,7 @@ def insert(model: nn.Module, spec: InsertSpec | None = None) -> OtterModel:
     gm.graph.eliminate_dead_code()
     _drop_unused_inserted(gm, ctx.param_names)
     gm.recompile()
+    _probe(model, gm, captured.takes_mask)
     return OtterModel(gm, spec, ("logits", *spec.signals), captured.takes_mask, dict(ctx.param_names),
                       base_class=f"{type(model).__module__}.{type(model).__qualname__}",
                       base_model_type=getattr(getattr(model, "config", None), "model_type", None),
@@ -50,6 +53,20 @@ def insert(model: nn.Module, spec: InsertSpec | None = None) -> OtterModel:
 def _config_dict(model: nn.Module) -> dict | None:
     config = getattr(model, "config", None)
     return config.to_dict() if hasattr(config, "to_dict") else None
+
+
+def _probe(model: nn.Module, gm: torch.fx.GraphModule, takes_mask: bool) -> None:
+    """Run the rewritten graph once on the capture's example batch: a rule that built a companion of the
+    wrong shape fails here, at insert() time, not in the user's forward; and the logits must be equal."""
+    kwargs = example_inputs(model, takes_mask)
+    try:
+        with torch.no_grad():
+            logits = gm(*kwargs.values())[0]
+    except Exception as exc:
+        raise OtterError(f"the rewritten graph fails on a probe batch ({type(exc).__name__}: {exc}); "
+                         f"this architecture needs an op rule it does not have yet") from exc
+    if not logits.is_meta and not bits_equal(logits, reference_logits(model, kwargs)):
+        raise OtterError("internal error: the rewritten graph's logits differ from the model's on a probe batch")
 
 
 def _drop_unused_inserted(gm: torch.fx.GraphModule, names: dict[str, str]) -> None:

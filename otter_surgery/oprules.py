@@ -286,9 +286,20 @@ def like(ctx: Context, node: fx.Node) -> Comp | None:
     if co is None:
         _fail(node, "reshapes a tensor with inserted dims like one without")
     if cx is None:
-        if op_name(node) == "expand_as":
+        if op_name(node) != "expand_as":
+            return None
+        x_ax = co.axis - (ndim(other) - ndim(x))
+        if x_ax < 0 or numeric_shape([shape(x)[x_ax]])[0] == 1:
             return replace(co, node=ctx.emit(node.target, (x, co.node)), sizes=None)  # x broadcasts
-        return None
+        if not _parameter_derived(ctx, x):
+            _fail(node, f"'{x.name}' spans the inserted axis but carries no inserted dims")
+        return replace(co, node=ctx.emit(node.target, (_widen_parameter(ctx, x, x_ax, co.size, co.unit), co.node)), sizes=None)
+
+    def numel(t, c):
+        return product(shape(t)) * c.size // numeric_shape([shape(t)[c.axis]])[0]
+
+    if op_name(node) != "expand_as" and numel(x, cx) != numel(other, co):
+        _fail(node, "the inserted dims of the two tensors do not have the same number of elements")
     return replace(co, node=ctx.emit(node.target, (cx.node, co.node)), sizes=None)
 
 
