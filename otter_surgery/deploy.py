@@ -60,7 +60,6 @@ def fuse(omodel: OtterModel) -> OtterModel:
         fused.register_parameter(f"w{k}", nn.Parameter(wide, requires_grad=False))
         with gm.graph.inserting_before(ins.next):
             w_node = gm.graph.get_attr(f"otter_fused.w{k}")
-            args = (x_cat, w_node)
             if bias is not None:
                 fused.register_parameter(f"b{k}", nn.Parameter(bias, requires_grad=False))
                 b_node = gm.graph.get_attr(f"otter_fused.b{k}")
@@ -69,9 +68,10 @@ def fuse(omodel: OtterModel) -> OtterModel:
             elif bias is not None:
                 y = gm.graph.call_function(aten.addmm.default, (b_node, x_cat, w_node), dict(orig.kwargs))
             else:
-                y = gm.graph.call_function(aten.mm.default, args)
+                y = gm.graph.call_function(aten.mm.default, (x_cat, w_node))
             y_orig = gm.graph.call_function(aten.slice.Tensor, (y, -1, 0, o))
-            y_ins = gm.graph.call_function(aten.slice.Tensor, (y, -1, o, o + (wide.shape[1] if info.transposed else wide.shape[0]) - o))
+            total = wide.shape[1] if info.transposed else wide.shape[0]
+            y_ins = gm.graph.call_function(aten.slice.Tensor, (y, -1, o, total))
         if "nn_module_stack" in orig.meta:
             for n in (w_node, y, y_orig, y_ins):
                 n.meta["nn_module_stack"] = orig.meta["nn_module_stack"]
