@@ -6,6 +6,7 @@ The captured GraphModule shares the user's parameter tensors; nothing of the use
 from __future__ import annotations
 
 import contextlib
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -88,6 +89,18 @@ def _vocab_size(model: nn.Module) -> int:
     return embeddings[0].num_embeddings
 
 
+def _to_graph_module(ep) -> fx.GraphModule:
+    gm = ep.module()
+    # The unlifted module checks inputs against export's pytree spec; we own the calling convention now.
+    gm._forward_pre_hooks.clear()
+    gm.graph._codegen = fx.graph.CodeGen()
+    for node in list(gm.graph.nodes):
+        if node.op == "call_module" and "guards" in str(node.target):
+            gm.graph.erase_node(node)
+    gm.recompile()
+    return gm
+
+
 def capture(model: nn.Module) -> Captured:
     """Export `model` to a GraphModule with inputs (input_ids[, attention_mask]) and one output: logits.
 
@@ -103,12 +116,95 @@ def capture(model: nn.Module) -> Captured:
             ep = torch.export.export(wrapper, (), kwargs=kwargs, dynamic_shapes=dyn, strict=False)
     except Exception as exc:  # torch.export raises many types; name the cause and keep the chain
         raise CaptureError(f"torch.export could not capture {type(model).__name__}: {exc}") from exc
-    gm = ep.module()
-    # The unlifted module checks inputs against export's pytree spec; we own the calling convention now.
-    gm._forward_pre_hooks.clear()
-    gm.graph._codegen = fx.graph.CodeGen()
-    for node in list(gm.graph.nodes):
-        if node.op == "call_module" and "guards" in str(node.target):
-            gm.graph.erase_node(node)
-    gm.recompile()
-    return Captured(gm, takes_mask)
+    return Captured(_to_graph_module(ep), takes_mask)
+
+
+# -- the KV-cached decode step ------------------------------------------------------------------------------
+
+def _cache_from(flat: list[torch.Tensor]):
+    """A transformers DynamicCache holding `flat` = [k0, v0, k1, v1, ...] ([batch, heads, seq, head_dim] each),
+    built without the empty-tensor concatenation of DynamicCache(ddp_cache_data=...), so each cache input
+    feeds exactly one concatenation: the model's own update."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    cache = DynamicCache()
+    for k, v in zip(flat[0::2], flat[1::2]):
+        layer = DynamicLayer()
+        layer.dtype, layer.device = k.dtype, k.device
+        layer.keys, layer.values, layer.is_initialized = k, v, True
+        cache.layers.append(layer)
+    return cache
+
+
+class _CachedStep(nn.Module):
+    """Calls the user's model the way `transformers.GenerationMixin.generate` does for one step: new tokens,
+    the 2-D mask over past + new tokens, position ids (when the model takes them), `logits_to_keep=1` (when
+    it takes it), and a DynamicCache of the past keys/values. Returns (logits, *updated cache tensors)."""
+
+    def __init__(self, model: nn.Module, takes_positions: bool, keep_last: bool):
+        super().__init__()
+        self.m = model
+        self.takes_positions = takes_positions
+        self.keep_last = keep_last
+
+    def forward(self, input_ids, attention_mask, position_ids, past: list):
+        kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, past_key_values=_cache_from(past), use_cache=True)
+        if self.takes_positions:
+            kwargs["position_ids"] = position_ids
+        if self.keep_last:
+            kwargs["logits_to_keep"] = 1
+        out = self.m(**kwargs)
+        return (out.logits, *[t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)])
+
+
+@dataclass
+class CapturedStep:
+    """The decode step as a graph: placeholders (input_ids, attention_mask, position_ids, past_0 ... past_n-1),
+    outputs (logits, new_0 ... new_n-1), cache tensors shaped [batch, heads, seq, head_dim]. `cache_shapes`
+    are the per-entry (heads, head_dim), so an empty cache can be made for the prefill."""
+
+    graph_module: fx.GraphModule
+    cache_shapes: list[tuple[int, int]]
+    cache_dtype: torch.dtype
+    reference: nn.Module  # the same step run eagerly on the user's model, for checks
+
+
+def step_signature(model: nn.Module) -> tuple[bool, bool]:
+    """(takes position_ids, takes logits_to_keep): what generate() would pass this model."""
+    params = inspect.signature(model.forward).parameters
+    return "position_ids" in params, "logits_to_keep" in params
+
+
+def capture_step(model: nn.Module) -> CapturedStep:
+    """Export one KV-cached step of a transformers causal LM with dynamic batch, new-token and past lengths.
+    A past of length 0 is the prefill, so one graph serves prefill and every decode step."""
+    if not is_transformers_model(model):
+        raise CaptureError(f"{type(model).__name__} is not a transformers model: it has no KV-cache interface to capture")
+    takes_positions, keep_last = step_signature(model)
+    wrapper = _CachedStep(model, takes_positions, keep_last)
+    prompt = example_inputs(model, True)
+    with _eval_mode(model), torch.no_grad():
+        try:
+            first = model(**prompt, use_cache=True)
+            cache = first.past_key_values
+            past = [t for layer in cache.layers for t in (layer.keys, layer.values)]
+        except Exception as exc:
+            raise CaptureError(f"{type(model).__name__} does not return a key/value cache this library can read: {exc}") from exc
+        if any(not isinstance(t, torch.Tensor) or t.dim() != 4 for t in past):
+            raise CaptureError(f"{type(model).__name__}'s cache is not made of [batch, heads, seq, head_dim] tensors")
+        ids, mask = prompt["input_ids"], prompt["attention_mask"]
+        # Two new tokens (sizes > 1 keep every dim symbolic) after the 7-token example prompt.
+        new_ids = ids[:, :2]
+        new_mask = torch.cat([mask, torch.ones_like(new_ids)], 1)
+        positions = (mask.sum(-1, keepdim=True) + torch.arange(2, device=ids.device))
+        batch, new, seen = (torch.export.Dim.DYNAMIC for _ in range(3))
+        dyn = ({0: batch, 1: new}, {0: batch, 1: seen}, {0: batch, 1: new}, [{0: batch, 2: seen}] * len(past))
+        try:
+            ep = torch.export.export(wrapper, (new_ids, new_mask, positions, past), dynamic_shapes=dyn, strict=False)
+        except Exception as exc:
+            raise CaptureError(f"torch.export could not capture a cached step of {type(model).__name__}: {exc}") from exc
+    gm = _to_graph_module(ep)
+    for node, role in zip([n for n in gm.graph.nodes if n.op == "placeholder"][3:], range(len(past))):
+        node.meta["otter_cache_input"] = role
+    return CapturedStep(gm, [(t.shape[1], t.shape[3]) for t in past], past[0].dtype, wrapper)

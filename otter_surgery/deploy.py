@@ -22,6 +22,7 @@ from .graph_utils import get_attr_tensor, op_name
 from .model import OtterModel
 from .oprules import linear_info
 from .spec import InsertSpec
+from .verify import bits_equal
 
 aten = torch.ops.aten
 MERGED_WEIGHTS = "otter_merged.safetensors"
@@ -111,18 +112,23 @@ class MergeReport:
     signals_max_abs_diff: float
 
 
-def _probe(omodel: OtterModel, vocab: int) -> dict:
+def probe_batch(omodel: OtterModel) -> dict:
+    """The batch merge() checks the fused form on (and its MergeReport describes): two rows of 11 seeded
+    random token ids, the first left-padded by 3, on the model's device."""
+    vocab = int((omodel.base_config or {}).get("vocab_size") or 2)
+    device = next(omodel.parameters()).device
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (2, 11), generator=g)
     mask = torch.ones_like(ids)
     mask[0, :3] = 0
-    return {"input_ids": ids.to(next(omodel.parameters()).device), "attention_mask": mask.to(ids.device)}
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
 
 
 def compare(a: OtterModel, b: OtterModel, batch: dict) -> tuple[bool, float, float]:
+    """(logits bit-identical, NaN-aware; max |logits diff|; max |signal diff|) of a and b on `batch`."""
     with torch.no_grad():
         x, y = a(**batch), b(**batch)
-    same = torch.equal(x.logits, y.logits)
+    same = bits_equal(x.logits, y.logits)
     diff = (x.logits.float() - y.logits.float()).abs().max().item()
     sig = max(((getattr(x, s).float() - getattr(y, s).float()).abs().max().item() for s in a.spec.signals), default=0.0)
     return same, diff, sig
@@ -154,8 +160,7 @@ def merge(omodel: OtterModel, directory: str | os.PathLike) -> MergeReport:
             del tensors[name]
         else:
             seen[key] = name
-    vocab = int(omodel.base_config.get("vocab_size") or 2)
-    same, diff, sig = compare(omodel, fused, _probe(omodel, vocab))
+    same, diff, sig = compare(omodel, fused, probe_batch(omodel))
 
     def write(tmp: Path) -> None:
         save_file({k: v.clone() for k, v in tensors.items()}, str(tmp / MERGED_WEIGHTS), metadata={"format": "pt"})
@@ -232,6 +237,7 @@ def compile(omodel: OtterModel, **kwargs) -> OtterModel:  # noqa: A001 - mirrors
     kwargs.setdefault("dynamic", True)
     compiled = torch.compile(omodel.graph_module, **kwargs)
     out = OtterModel(omodel.graph_module, omodel.spec, omodel.outputs, omodel.takes_mask, dict(omodel.param_names),
-                     omodel.base_class, omodel.base_model_type, list(omodel.blocks), omodel.base_config, omodel.form)
+                     omodel.base_class, omodel.base_model_type, list(omodel.blocks), omodel.base_config, omodel.form,
+                     base_model=omodel.base_model)
     out.__dict__["_runner"] = compiled  # not a submodule: parameters stay those of graph_module
     return out

@@ -30,24 +30,36 @@ def insert(model: nn.Module, spec: InsertSpec | None = None) -> OtterModel:
     Raises SpecError (a ValueError naming the field) for a spec that does not fit the model, and
     UnsupportedGraphError (naming the node and module) for a graph pattern the analysis cannot widen.
     """
-    from . import passes  # installed as otter_surgery.passes
-
     spec = spec or InsertSpec()
     captured = capture(model)
     gm = captured.graph_module
-    _freeze_shared(gm)
+    ctx = rewrite(gm, spec)
+    _probe(model, gm, captured.takes_mask)
+    omodel = OtterModel(gm, spec, ("logits", *spec.signals), captured.takes_mask, dict(ctx.param_names),
+                        base_class=f"{type(model).__module__}.{type(model).__qualname__}",
+                        base_model_type=getattr(getattr(model, "config", None), "model_type", None),
+                        blocks=[(a.name, b.name, c.name) for a, b, c in ctx.blocks],
+                        base_config=_config_dict(model), base_model=model)
+    return omodel
+
+
+def rewrite(gm: torch.fx.GraphModule, spec: InsertSpec, freeze: bool = True) -> Rewrite:
+    """Run the insertion passes over a captured graph, in place; returns the rewrite context (the inserted
+    parameters and their readable names). With `freeze`, base parameters are re-wrapped frozen over the same
+    storage (for graphs that train); without, the graph keeps the user's own Parameter objects, for graphs
+    only ever run under no_grad (the decode step): aten.matmul picks its kernel by `requires_grad` even under
+    no_grad, so keeping the user's flags keeps the base model's exact kernels."""
+    from . import passes  # installed as otter_surgery.passes
+
+    if freeze:
+        _freeze_shared(gm)
     ctx = Rewrite(gm, spec)
     for step in passes.PIPELINE:
         step(ctx)(gm)
     gm.graph.eliminate_dead_code()
     _drop_unused_inserted(gm, ctx.param_names)
     gm.recompile()
-    _probe(model, gm, captured.takes_mask)
-    return OtterModel(gm, spec, ("logits", *spec.signals), captured.takes_mask, dict(ctx.param_names),
-                      base_class=f"{type(model).__module__}.{type(model).__qualname__}",
-                      base_model_type=getattr(getattr(model, "config", None), "model_type", None),
-                      blocks=[(a.name, b.name, c.name) for a, b, c in ctx.blocks],
-                      base_config=_config_dict(model))
+    return ctx
 
 
 def _config_dict(model: nn.Module) -> dict | None:

@@ -29,8 +29,10 @@ class OtterModel(nn.Module):
 
     def __init__(self, graph_module: fx.GraphModule, spec: InsertSpec, outputs: tuple[str, ...],
                  takes_mask: bool, param_names: dict[str, str], base_class: str = "", base_model_type: str | None = None,
-                 blocks: list[tuple[str, str, str]] | None = None, base_config: dict | None = None, form: str = "side-car"):
+                 blocks: list[tuple[str, str, str]] | None = None, base_config: dict | None = None, form: str = "side-car",
+                 base_model: nn.Module | None = None):
         super().__init__()
+        self.__dict__["_base_model"] = base_model  # for decoding; not a submodule (its tensors are shared already)
         self.blocks = blocks or []  # (original linear, inserted linear, [x ; x_e]) node names, for fusing
         self.base_config = base_config  # the user's model config, for merged checkpoints
         self.form = form  # "side-car" (default) or "fused" (deploy.fuse / merged checkpoints)
@@ -41,6 +43,11 @@ class OtterModel(nn.Module):
         self.outputs = outputs
         self.takes_mask = takes_mask
         self.param_names = param_names  # attribute in graph_module.otter -> readable dotted name
+
+    @property
+    def base_model(self) -> nn.Module | None:
+        """The user's model this was inserted into (not a submodule: its tensors are already shared)."""
+        return self.__dict__.get("_base_model")
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs) -> OtterOutput:
         # The graph was captured for (input_ids, attention_mask) without a KV cache; refusing other inputs

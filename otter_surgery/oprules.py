@@ -72,6 +72,7 @@ class Context(Protocol):
     def companion_param(self, attr: fx.Node, axis: int, size: int, unit: int) -> fx.Node: ...
     def linear_params(self, node: fx.Node, info: LinearInfo, comp_in: Comp) -> tuple[fx.Node, fx.Node | None, "Comp"] | None: ...
     def record_block(self, node: fx.Node, inserted: fx.Node, x_cat: fx.Node) -> None: ...
+    def cache_companion(self, past: fx.Node, like: Comp) -> fx.Node: ...
 
 
 RULES: dict[str, Callable[[Context, fx.Node], Comp | None]] = {}
@@ -392,6 +393,9 @@ def cat(ctx: Context, node: fx.Node) -> Comp | None:
     for t in tensors:
         if t in ctx.comps:
             parts.append(ctx.comps[t].node)
+        elif "otter_cache_input" in t.meta:
+            # A KV-cache update (past keys ++ new keys): the inserted heads keep their own past, a new input.
+            parts.append(ctx.cache_companion(t, c))
         elif _parameter_derived(ctx, t):
             parts.append(_widen_parameter(ctx, t, c.axis, c.size, c.unit))
         else:

@@ -6,6 +6,7 @@ copied, and every original node keeps its target, args and kwargs (checked by `a
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 
 import torch
 import torch.fx as fx
@@ -43,6 +44,7 @@ class Rewrite:
         self._slices: dict[tuple, fx.Node] = {}
         self.signal_nodes: dict[str, fx.Node] = {}
         self.blocks: list[tuple[fx.Node, fx.Node, fx.Node]] = []  # (original linear, inserted linear, [x ; x_e])
+        self.cache_inputs: dict[fx.Node, Comp] = {}  # a past key/value input -> its inserted companion input
 
     # -- nodes ---------------------------------------------------------------------------------------------
     def at(self, node: fx.Node) -> None:
@@ -64,6 +66,17 @@ class Rewrite:
         self.param_names[attr] = name
         with self.graph.inserting_before(self.cursor):
             return self.graph.get_attr(f"otter.{attr}")
+
+    def cache_companion(self, past: fx.Node, like: Comp) -> fx.Node:
+        """The inserted heads' past keys/values: a new graph input beside the original cache input `past`,
+        shaped like it except along `like.axis` (the head axis), where it holds `like.size` inserted heads."""
+        if past not in self.cache_inputs:
+            last = [n for n in self.graph.nodes if n.op == "placeholder"][-1]
+            with self.graph.inserting_after(last):
+                new = self.graph.placeholder(f"{past.name}_inserted")
+            new.meta["otter_cache_companion"] = past.meta["otter_cache_input"]
+            self.cache_inputs[past] = replace(like, node=new, sizes=None)
+        return self.cache_inputs[past].node
 
     # -- inserted parameters --------------------------------------------------------------------------
     def readable(self, attr: fx.Node) -> str:

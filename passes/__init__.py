@@ -3,11 +3,13 @@
 1. SeedResidual          - widen the residual stream: embeddings get inserted columns e.
 2. PropagateCompanions   - carry e through every op (norms, heads, o-proj, FFN) by the per-op rules.
 3. SignalHeads           - read the final [h ; e] into the reward / calibration heads; add them as outputs.
+4. ExposeCache           - (decode-step graphs) return the inserted heads' KV cache beside the original one.
 """
+from .expose_cache import ExposeCache
 from .propagate_companions import PropagateCompanions
 from .seed_residual import SeedResidual
 from .signal_heads import SignalHeads
 
-__all__ = ["SeedResidual", "PropagateCompanions", "SignalHeads", "PIPELINE"]
+__all__ = ["SeedResidual", "PropagateCompanions", "SignalHeads", "ExposeCache", "PIPELINE"]
 
-PIPELINE = (SeedResidual, PropagateCompanions, SignalHeads)
+PIPELINE = (SeedResidual, PropagateCompanions, SignalHeads, ExposeCache)

@@ -1,6 +1,7 @@
 """Signal heads on the final hidden state [h ; e] (the input of the linear that produces the logits).
 
-Invariant: the graph's first output is still the original logits node; the heads are new outputs after it.
+Invariant: the graph's first output is still the original logits node; the heads are new outputs after it,
+before the graph's other original outputs (a decode step's updated KV cache), which keep their order.
 - reward: n_rewards scalars per position (a value head with bias) -> [batch, seq] or [batch, seq, n];
 - calibration: vocab-sized calibration logits (DExperts-style), no bias;
 - medusa: n_medusa vocab-sized future-token heads -> [batch, seq, n_medusa, vocab].
@@ -28,7 +29,7 @@ class SignalHeads(PassBase):
         hidden = self.ctx.analysis.final_hidden
         if hidden not in self.ctx.comps:
             raise UnsupportedGraphError(hidden, "the inserted dims do not reach the final hidden state")
-        self.logits = self._outputs(gm)[0]
+        self.logits, *self.rest = self._outputs(gm)  # rest: a decode step's updated KV cache
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         ctx = self.ctx
@@ -58,7 +59,7 @@ class SignalHeads(PassBase):
                 w = ctx.new_param("medusa_heads.weight", inits.head(k * vocab, width, ctx.generator), dtype, device)
                 y = ctx.emit(aten.unflatten.int, (ctx.emit(aten.linear.default, (x, w)), -1, [k, vocab]))
             ctx.signal_nodes[signal] = y
-        out.args = ((logits, *ctx.signal_nodes.values()),)
+        out.args = ((logits, *ctx.signal_nodes.values(), *self.rest),)
         gm.graph.lint()
         gm.recompile()
         return PassResult(gm, True)

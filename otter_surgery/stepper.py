@@ -1,0 +1,212 @@
+"""The KV-cached decode step of an Otter model: prefill once, then one forward per token.
+
+The step graph is a second capture of the user's model (one cached step, as `generate` calls it) rewritten by
+the same passes as the full graph; its inserted parameters *are* the full graph's (the same Parameter
+objects, matched by name), so training, adapters and decoding always agree. The inserted heads keep their own
+keys/values beside the base cache; the base cache entries are the base model's, bit for bit.
+
+Models with no KV-cache interface (plain PyTorch decoders called as forward(idx)) decode by recomputing the
+whole sequence each step with the full graph: the same tokens, at a higher cost.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import torch
+import torch.fx as fx
+
+from .capture import _eval_mode, capture_step
+from .errors import CaptureError, OtterError
+from .model import OtterModel
+from .verify import bits_equal
+
+
+@dataclass
+class StepOutput:
+    """What one forward returns at its new positions: logits [rows, new, vocab]; signals by name
+    (reward [rows, new] or [rows, new, n]; calibration [rows, new, vocab]; medusa [rows, new, K, vocab])."""
+
+    logits: torch.Tensor
+    signals: dict[str, torch.Tensor]
+
+    def rows(self, index: torch.Tensor) -> "StepOutput":
+        return StepOutput(self.logits[index], {k: v[index] for k, v in self.signals.items()})
+
+
+@dataclass
+class DecodeState:
+    """Everything a row needs for its next step: the mask over all tokens so far, the last position id, and
+    the cache (base entries, inserted entries by cache index) — or, without a cache, the tokens so far."""
+
+    mask: torch.Tensor  # [rows, tokens so far]
+    last_position: torch.Tensor  # [rows, 1]
+    cache: list[torch.Tensor] = field(default_factory=list)
+    inserted: dict[int, torch.Tensor] = field(default_factory=dict)
+    tokens: torch.Tensor | None = None  # recompute mode only
+
+    def select(self, index: torch.Tensor) -> "DecodeState":
+        """Rows `index` (a LongTensor; repeats allowed): reorder, drop or copy rows, cache included."""
+        return DecodeState(self.mask[index], self.last_position[index], [t[index] for t in self.cache],
+                           {i: t[index] for i, t in self.inserted.items()},
+                           None if self.tokens is None else self.tokens[index])
+
+    @property
+    def length(self) -> int:
+        return self.mask.shape[1]
+
+    def cache_bytes(self) -> tuple[int, int]:
+        """(base cache bytes, inserted cache bytes)."""
+        size = lambda ts: sum(t.numel() * t.element_size() for t in ts)  # noqa: E731
+        return size(self.cache), size(self.inserted.values())
+
+
+def _positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids the way transformers' generate makes them from a (left-padded) mask."""
+    return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+
+
+class CachedDecoder:
+    """Runs the rewritten decode-step graph: `start` (prefill) and `step` (any number of new tokens)."""
+
+    cached = True
+
+    def __init__(self, omodel: OtterModel):
+        from .insert import rewrite
+
+        base = omodel.base_model
+        if base is None:
+            raise OtterError("this Otter model has no base model attached (a merged checkpoint); decoding needs "
+                             "otter.insert(model, spec) or otter.load(model, adapter_dir)")
+        if omodel.form != "side-car":
+            raise OtterError(f"decoding runs the side-car form; this model is in the {omodel.form!r} form")
+        captured = capture_step(base)
+        self.gm = captured.graph_module
+        ctx = rewrite(self.gm, omodel.spec, freeze=False)
+        _share_inserted(omodel, self.gm, ctx.param_names)
+        self.reference = captured.reference
+        self.cache_shapes, self.dtype = captured.cache_shapes, captured.cache_dtype
+        self.layout = list(self.gm.meta.get("otter_cache", []))
+        self.signals = omodel.spec.signals
+        self.device = next(iter(omodel.parameters())).device
+        holders = [n for n in self.gm.graph.nodes if n.op == "placeholder"]
+        self.inserted_order = [n.meta["otter_cache_companion"] for n in holders if "otter_cache_companion" in n.meta]
+        self._probe()
+
+    # -- running ------------------------------------------------------------------------------------------
+    def _run(self, tokens: torch.Tensor, state: DecodeState, positions: torch.Tensor) -> tuple[StepOutput, DecodeState]:
+        args = [tokens, state.mask, positions, state.cache, [state.inserted[i] for i in self.inserted_order]]
+        values = self.gm(*args[:3], *args[3], *args[4])
+        n_sig, n_cache = len(self.signals), len(state.cache)
+        out = StepOutput(values[0], dict(zip(self.signals, values[1:1 + n_sig])))
+        cache = list(values[1 + n_sig:1 + n_sig + n_cache])
+        inserted = {i: t for (i, _, _), t in zip(self.layout, values[1 + n_sig + n_cache:])}
+        return out, DecodeState(state.mask, positions[:, -1:], cache, inserted)
+
+    @torch.no_grad()
+    def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[StepOutput, DecodeState]:
+        """Prefill: the prompt in one call, from an empty cache."""
+        rows = input_ids.shape[0]
+        empty = [torch.zeros(rows, h, 0, d, dtype=self.dtype, device=self.device) for h, d in self.cache_shapes]
+        inserted = {}
+        for i, axis, size in self.layout:
+            shape = list(empty[i].shape)
+            shape[axis] = size
+            inserted[i] = empty[i].new_zeros(shape)
+        state = DecodeState(attention_mask, torch.zeros(rows, 1, dtype=torch.long), empty, inserted)
+        return self._run(input_ids, state, _positions(attention_mask))
+
+    @torch.no_grad()
+    def step(self, tokens: torch.Tensor, state: DecodeState) -> tuple[StepOutput, DecodeState]:
+        """Feed `tokens` [rows, new] after the state's tokens (their mask entries are 1)."""
+        new = tokens.shape[1]
+        mask = torch.cat([state.mask, state.mask.new_ones(tokens.shape[0], new)], 1)
+        positions = state.last_position + torch.arange(1, new + 1, device=tokens.device)
+        return self._run(tokens, replace(state, mask=mask), positions)
+
+    def reference_step(self, tokens, mask, positions, cache) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The base model's own cached step (eager transformers code) on the same inputs and cache."""
+        with _eval_mode(self.reference.m), torch.no_grad():
+            logits, *new = self.reference(tokens, mask, positions, list(cache))
+        return logits, new
+
+    def _probe(self) -> None:
+        """Prefill + one step on a small batch: the base logits must be the base model's own, bit for bit."""
+        ids = torch.arange(12, device=self.device).reshape(2, 6) % 7 + 3
+        mask = torch.ones_like(ids)
+        mask[0, :2] = 0
+        with torch.no_grad():
+            out, state = self.start(ids, mask)
+            empty = [c[:, :, :0] for c in state.cache]
+            want, cache = self.reference_step(ids, mask, _positions(mask), empty)
+            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+            out2, state2 = self.step(nxt, state)
+            want2, _ = self.reference_step(nxt, state2.mask, state2.last_position, cache)
+        if not (bits_equal(out.logits, want) and bits_equal(out2.logits, want2)):
+            raise OtterError("internal error: the rewritten decode step's logits differ from the base model's cached step")
+
+
+class RecomputeDecoder:
+    """No KV cache (plain decoders): each step runs the full graph over all tokens so far."""
+
+    cached = False
+
+    def __init__(self, omodel: OtterModel):
+        self.omodel = omodel
+        self.signals = omodel.spec.signals
+
+    def _run(self, state: DecodeState, new: int) -> tuple[StepOutput, DecodeState]:
+        kwargs = {"input_ids": state.tokens}
+        if self.omodel.takes_mask:
+            kwargs["attention_mask"] = state.mask
+        out = self.omodel(**kwargs)
+        signals = {k: getattr(out, k)[:, -new:] for k in self.signals}
+        return StepOutput(out.logits[:, -new:], signals), state
+
+    def start(self, input_ids, attention_mask):
+        if not self.omodel.takes_mask and not bool(attention_mask.all()):
+            raise ValueError("this model takes no attention_mask, so its prompts cannot be padded: "
+                             "pass prompts of equal length (attention_mask all ones)")
+        rows = input_ids.shape[0]
+        state = DecodeState(attention_mask, torch.zeros(rows, 1, dtype=torch.long), tokens=input_ids)
+        return self._run(state, input_ids.shape[1])
+
+    def step(self, tokens, state):
+        mask = torch.cat([state.mask, state.mask.new_ones(tokens.shape)], 1)
+        return self._run(replace(state, mask=mask, tokens=torch.cat([state.tokens, tokens], 1)), tokens.shape[1])
+
+
+def decoder(omodel: OtterModel) -> CachedDecoder | RecomputeDecoder:
+    """The decoder of `omodel`, built on first use and kept (the step graph shares the inserted parameters)."""
+    made = omodel.__dict__.get("_decoder")
+    if made is None:
+        from .capture import is_transformers_model
+
+        base = omodel.base_model
+        if base is not None and not is_transformers_model(base):
+            made = RecomputeDecoder(omodel)
+        else:
+            made = CachedDecoder(omodel)
+        omodel.__dict__["_decoder"] = made
+    return made
+
+
+def _share_inserted(omodel: OtterModel, step_gm: fx.GraphModule, step_names: dict[str, str]) -> None:
+    """Make the step graph use the full graph's inserted Parameters (same objects). Both graphs were rewritten
+    by the same passes, so they insert the same parameters under the same readable names, in the same order."""
+    def by_name(names: dict[str, str]) -> dict[str, list[str]]:
+        grouped: dict[str, list[str]] = {}
+        for attr, readable in names.items():
+            grouped.setdefault(readable, []).append(attr)
+        return grouped
+
+    full, step = by_name(omodel.param_names), by_name(step_names)
+    if {k: len(v) for k, v in full.items()} != {k: len(v) for k, v in step.items()}:
+        differ = sorted(set(full) ^ set(step))[:3]
+        raise CaptureError(f"the decode-step graph inserts other parameters than the full graph (e.g. {differ}); "
+                           f"this model cannot decode with a KV cache")
+    for readable, attrs in step.items():
+        for step_attr, full_attr in zip(attrs, full[readable]):
+            p = getattr(omodel.graph_module.otter, full_attr)
+            if getattr(step_gm.otter, step_attr).shape != p.shape:
+                raise CaptureError(f"the decode-step graph's {readable} has another shape than the full graph's")
+            setattr(step_gm.otter, step_attr, p)
