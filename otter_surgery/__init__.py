@@ -6,6 +6,7 @@
 """
 from .adapter import AdapterError, load, save
 from .deploy import MergeReport, compile, fuse, load_merged, merge
+from .generate import Calibrated, GenerateOutput, RewardGuided, generate
 from .errors import CaptureError, OtterError, SpecError, UnsupportedGraphError, VerificationError
 from .insert import insert
 from .model import OtterModel, OtterOutput
@@ -14,7 +15,7 @@ from .train import TrainResult, evaluate, train
 from .verify import VerifyReport, verify
 
 __all__ = [
-    "insert", "verify", "train", "evaluate", "save", "load", "InsertSpec", "OtterModel", "OtterOutput",
+    "insert", "verify", "generate", "RewardGuided", "Calibrated", "GenerateOutput", "train", "evaluate", "save", "load", "InsertSpec", "OtterModel", "OtterOutput",
     "VerifyReport", "TrainResult", "AdapterError", "merge", "load_merged", "fuse", "compile", "MergeReport",
     "OtterError", "SpecError", "UnsupportedGraphError", "CaptureError", "VerificationError",
 ]

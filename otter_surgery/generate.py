@@ -1,0 +1,276 @@
+"""generate(): decoding with one model — the base model's tokens, or tokens steered by the inserted signal.
+
+    out = otter.generate(omodel, ids, attention_mask=mask, max_new_tokens=64)             # greedy, KV-cached
+    out = otter.generate(omodel, ids, attention_mask=mask, guide=otter.RewardGuided(weight=1.5, top_k=10))
+    out = otter.generate(omodel, ids, attention_mask=mask, guide=otter.Calibrated(alpha=2.0))
+
+Unguided greedy decoding gives the base model's own greedy tokens: every step's base logits are the base
+model's cached step, bit for bit (the same inputs `transformers`' generate gives it), and EOS/padding follow
+`generate`'s rules. Prompts are left-padded, as for `generate`.
+
+Guides (each reads a signal of the same forward that gives the next-token logits):
+- RewardGuided(head="scalar"): ARGS (Khanov et al. 2024): the top_k candidates of the base are scored by
+  logit + weight * reward([prefix, candidate]); the k candidates go through one batched cached step of k rows
+  per prompt, and the winner's row (its cache and its next-token logits) carries on, so no forward is wasted.
+- RewardGuided(head="token"): the vocab-sized `calibration` head read as a token-level reward (GenARM,
+  Xu et al. 2025, trained with the "genarm" objective): score = logit + weight * log_softmax(head)[candidate]
+  over the top_k, from the one forward that also gives the logits.
+- Calibrated: log_softmax(logits) + alpha * log_softmax(calibration) over the vocabulary (DExperts, Liu et
+  al. 2021, and GenARM's decoding rule; the log-normalisers are per-row constants, so this is logits +
+  alpha * calibration up to a shift), optionally restricted to the base's top_p nucleus as in DExperts.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from .model import OtterModel
+from .stepper import DecodeState, StepOutput, decoder
+
+
+@dataclass(frozen=True)
+class RewardGuided:
+    """ARGS-style guidance: among the base's top_k tokens pick the best logit + weight * reward.
+    head: "scalar" (the reward signal, scored on [prefix, candidate]), "token" (the calibration signal as a
+    token-level reward), or "auto" (scalar when the model has a reward signal, else token)."""
+
+    weight: float = 1.0
+    top_k: int = 10
+    head: str = "auto"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.top_k, int) or self.top_k < 1:
+            raise ValueError(f"RewardGuided.top_k must be an int >= 1, got {self.top_k!r}")
+        if self.head not in ("auto", "scalar", "token"):
+            raise ValueError(f"RewardGuided.head must be 'auto', 'scalar' or 'token', got {self.head!r}")
+
+
+@dataclass(frozen=True)
+class Calibrated:
+    """DExperts/GenARM-style guidance: log_softmax(logits) + alpha * log_softmax(calibration); with top_p,
+    tokens outside the base distribution's top_p nucleus are excluded first (DExperts' truncation)."""
+
+    alpha: float = 1.0
+    top_p: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"Calibrated.top_p must be in (0, 1], got {self.top_p!r}")
+
+
+Guide = RewardGuided | Calibrated
+
+
+@dataclass
+class GenerateOutput:
+    """sequences: [batch, prompt + new] (prompt included, as transformers returns it).
+    rewards: [batch, new] (or [batch, new, n]): the reward head at each generated token, i.e. after reading
+    it; None when the model has no reward signal. unguided_*: the same prompts decoded without the guide
+    (return_unguided=True). stats: forwards, new tokens, seconds, cache bytes (base and inserted)."""
+
+    sequences: torch.Tensor
+    rewards: torch.Tensor | None = None
+    unguided_sequences: torch.Tensor | None = None
+    unguided_rewards: torch.Tensor | None = None
+    stats: dict = field(default_factory=dict)
+
+
+def _nucleus(scores: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Mask (True = keep) of the smallest set of tokens whose probability under softmax(scores) reaches
+    top_p, as transformers' TopPLogitsWarper keeps them (at least one token)."""
+    sorted_scores, order = scores.sort(dim=-1, descending=False)
+    cum = sorted_scores.softmax(-1).cumsum(-1)
+    drop_sorted = cum <= 1 - top_p
+    drop_sorted[..., -1:] = False
+    keep = torch.ones_like(scores, dtype=torch.bool)
+    return keep.scatter(-1, order, ~drop_sorted)
+
+
+class _Chooser:
+    """Greedy argmax, or sampling with temperature and top_p, as transformers users expect."""
+
+    def __init__(self, do_sample: bool, temperature: float, top_p: float | None, seed: int | None, device):
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        if top_p is not None and not 0.0 < top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        self.do_sample, self.temperature, self.top_p = do_sample, temperature, top_p
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(seed if seed is not None else torch.seed())
+
+    def __call__(self, scores: torch.Tensor) -> torch.Tensor:
+        if not self.do_sample:
+            return scores.argmax(-1)
+        scores = scores / self.temperature
+        if self.top_p is not None:
+            scores = scores.masked_fill(~_nucleus(scores, self.top_p), float("-inf"))
+        return torch.multinomial(scores.softmax(-1), 1, generator=self.generator).squeeze(-1)
+
+
+def _check_inputs(omodel: OtterModel, input_ids, attention_mask, max_new_tokens: int, guide) -> torch.Tensor:
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
+        raise ValueError(f"input_ids must be a [batch, seq] LongTensor, got "
+                         f"{getattr(input_ids, 'dtype', type(input_ids))} of shape {tuple(getattr(input_ids, 'shape', ()))}")
+    if input_ids.shape[1] == 0:
+        raise ValueError("input_ids has no tokens: generate needs a prompt of at least one token")
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, input_ids {tuple(input_ids.shape)}: "
+                         f"they must match")
+    mask = attention_mask.long()
+    if bool(((mask[:, 1:] - mask[:, :-1]) < 0).any()):
+        row = int(((mask[:, 1:] - mask[:, :-1]) < 0).any(1).nonzero()[0])
+        raise ValueError(f"attention_mask row {row} is padded on the right; generate needs left padding "
+                         f"(tokenizer.padding_side = 'left')")
+    if bool((mask.sum(1) == 0).any()):
+        raise ValueError("a row of attention_mask has no real token")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    config = getattr(omodel.base_model, "config", None)
+    limit = getattr(config, "max_position_embeddings", None)
+    if isinstance(limit, int) and input_ids.shape[1] + max_new_tokens > limit:
+        raise ValueError(f"prompt length {input_ids.shape[1]} + max_new_tokens {max_new_tokens} exceeds the model's "
+                         f"max_position_embeddings ({limit})")
+    if guide is not None and not isinstance(guide, (RewardGuided, Calibrated)):
+        raise TypeError(f"guide must be otter.RewardGuided or otter.Calibrated, got {type(guide).__name__}")
+    need = _signal_of(omodel, guide)
+    if need is not None and need not in omodel.spec.signals:
+        raise ValueError(f"{type(guide).__name__}{'(head=' + repr(guide.head) + ')' if isinstance(guide, RewardGuided) else ''} "
+                         f"reads the {need!r} signal, but this model was inserted with signal={omodel.spec.signal!r}; "
+                         f"insert with InsertSpec(signal=...) including {need!r}")
+    return mask
+
+
+def _signal_of(omodel: OtterModel, guide) -> str | None:
+    if isinstance(guide, Calibrated):
+        return "calibration"
+    if isinstance(guide, RewardGuided):
+        if guide.head == "auto":
+            return "reward" if "reward" in omodel.spec.signals else "calibration"
+        return "reward" if guide.head == "scalar" else "calibration"
+    return None
+
+
+def _eos_and_pad(omodel: OtterModel, eos_token_id, pad_token_id) -> tuple[torch.Tensor, int | None]:
+    """EOS ids and the pad id that fills finished rows, as transformers' generate reads them."""
+    base = omodel.base_model
+    gen = getattr(base, "generation_config", None)
+    if eos_token_id is None:
+        eos_token_id = getattr(gen, "eos_token_id", None)
+    if eos_token_id is None:
+        eos_token_id = getattr(getattr(base, "config", None), "eos_token_id", None)
+    eos = [] if eos_token_id is None else ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
+    if pad_token_id is None:
+        pad_token_id = getattr(gen, "pad_token_id", None)
+    if pad_token_id is None and eos:
+        pad_token_id = eos[0]
+    return torch.tensor(eos, dtype=torch.long), pad_token_id
+
+
+def _reward(out: StepOutput) -> torch.Tensor | None:
+    r = out.signals.get("reward")
+    return None if r is None else r[:, -1]
+
+
+def generate(omodel: OtterModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+             max_new_tokens: int = 32, guide: Guide | None = None, do_sample: bool = False,
+             temperature: float = 1.0, top_p: float | None = None, seed: int | None = None,
+             eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
+             return_unguided: bool = False) -> GenerateOutput:
+    """Decode up to max_new_tokens per row with one Otter model (prefill once, then one cached forward per
+    token; RewardGuided(head="scalar") runs its k candidates as k rows of that forward).
+
+    Without a guide and with do_sample=False the tokens are the base model's greedy tokens, equal to
+    `model.generate(..., do_sample=False)`. Rows stop at EOS (then padded with pad_token_id); decoding
+    ends when every row has stopped. do_sample/temperature/top_p/seed sample from the (guided) scores.
+    """
+    mask = _check_inputs(omodel, input_ids, attention_mask, max_new_tokens, guide)
+    out = _decode(omodel, input_ids, mask, max_new_tokens, guide, do_sample, temperature, top_p, seed,
+                  eos_token_id, pad_token_id)
+    if return_unguided:
+        plain = _decode(omodel, input_ids, mask, max_new_tokens, None, do_sample, temperature, top_p, seed,
+                        eos_token_id, pad_token_id)
+        out.unguided_sequences, out.unguided_rewards = plain.sequences, plain.rewards
+    return out
+
+
+def _decode(omodel, input_ids, mask, max_new_tokens, guide, do_sample, temperature, top_p, seed,
+            eos_token_id, pad_token_id) -> GenerateOutput:
+    dec = decoder(omodel)
+    choose = _Chooser(do_sample, temperature, top_p, seed, input_ids.device)
+    eos, pad = _eos_and_pad(omodel, eos_token_id, pad_token_id)
+    eos = eos.to(input_ids.device)
+    signal = _signal_of(omodel, guide)
+    scalar = isinstance(guide, RewardGuided) and signal == "reward"
+    wants_reward = "reward" in omodel.spec.signals
+    rows = input_ids.shape[0]
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        out, state = dec.start(input_ids, mask)
+        if isinstance(guide, RewardGuided) and guide.top_k > out.logits.shape[-1]:
+            raise ValueError(f"RewardGuided.top_k={guide.top_k} exceeds the vocabulary ({out.logits.shape[-1]} tokens)")
+        forwards, tokens, rewards = 1, [], []
+        unfinished = torch.ones(rows, dtype=torch.bool, device=input_ids.device)
+        for t in range(max_new_tokens):
+            logits = out.logits[:, -1].float()  # as generate does: a float32 copy of the last position
+            if scalar:
+                tok, step_reward, out, state = _args_step(dec, out, state, logits, guide, choose)
+                forwards += 1
+            else:
+                tok = choose(_scores(logits, out, guide))
+            if pad is not None:
+                tok = torch.where(unfinished, tok, torch.full_like(tok, pad))
+            tokens.append(tok)
+            if eos.numel():
+                unfinished &= ~torch.isin(tok, eos)
+            done = not bool(unfinished.any()) or t == max_new_tokens - 1
+            if scalar:
+                rewards.append(step_reward)
+            elif not done or wants_reward:
+                # The reward after a token comes from the forward that reads it; that forward also gives the
+                # next logits, so only the very last one (when the model has a reward head) is extra.
+                out, state = dec.step(tok[:, None], state)
+                forwards += 1
+                if wants_reward:
+                    rewards.append(_reward(out))
+            if done:
+                break
+    seconds = time.perf_counter() - t0
+    base_bytes, inserted_bytes = state.cache_bytes()
+    stats = {"forwards": forwards, "new_tokens": len(tokens), "seconds": seconds, "cached": dec.cached,
+             "cache_bytes": base_bytes, "inserted_cache_bytes": inserted_bytes}
+    sequences = torch.cat([input_ids, torch.stack(tokens, 1)], 1)
+    return GenerateOutput(sequences, torch.stack(rewards, 1) if rewards else None, stats=stats)
+
+
+def _scores(logits: torch.Tensor, out: StepOutput, guide) -> torch.Tensor:
+    """The scores a token is chosen by, for the guides that need no extra forward."""
+    if guide is None:
+        return logits
+    calibration = out.signals["calibration"][:, -1].float()
+    if isinstance(guide, Calibrated):
+        scores = logits.log_softmax(-1) + guide.alpha * calibration.log_softmax(-1)
+        if guide.top_p is not None:
+            scores = scores.masked_fill(~_nucleus(logits, guide.top_p), float("-inf"))
+        return scores
+    top, cand = logits.topk(guide.top_k, dim=-1)  # token-level reward over the base's top-k
+    score = top + guide.weight * calibration.log_softmax(-1).gather(-1, cand)
+    return torch.full_like(logits, float("-inf")).scatter(-1, cand, score)
+
+
+def _args_step(dec, out: StepOutput, state: DecodeState, logits: torch.Tensor, guide: RewardGuided, choose):
+    """One ARGS step with a scalar reward: the top-k candidates of every row run as k rows of one cached
+    forward; the winner's row (cache, next logits) carries on."""
+    rows, k = logits.shape[0], guide.top_k
+    top, cand = logits.topk(k, dim=-1)
+    expand = torch.arange(rows, device=logits.device).repeat_interleave(k)
+    out_k, state_k = dec.step(cand.reshape(-1, 1), state.select(expand))
+    reward = _reward(out_k)
+    reward = (reward if reward.dim() == 1 else reward[:, 0]).float().view(rows, k)
+    j = choose(top + guide.weight * reward)
+    pick = torch.arange(rows, device=logits.device) * k + j
+    return cand.gather(1, j[:, None]).squeeze(1), reward.gather(1, j[:, None]).squeeze(1), out_k.rows(pick), state_k.select(pick)
