@@ -10,6 +10,7 @@ No model_type switches: a new architecture needs new op rules at most, never a n
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, replace
 from fractions import Fraction
 from math import gcd
@@ -21,6 +22,8 @@ from .errors import SpecError, UnsupportedGraphError, module_path
 from .graph_utils import concrete_size, get_attr_tensor, numeric_shape, op_name, product, reshape_groups, shape, val
 from .oprules import ATTENTION_OPS, ELEMENTWISE_OPS, NORM_OPS, RESHAPE_OPS, LinearInfo, linear_info
 from .spec import InsertSpec
+
+log = logging.getLogger("otter_surgery")
 
 
 @dataclass
@@ -185,11 +188,18 @@ class Analysis:
                 step = step * need // gcd(step, need)
         return step
 
-    def widths(self, spec: InsertSpec) -> dict[fx.Node, Width]:
-        """Companion width of every linear's output, from the spec and the linear's role."""
+    def extra_heads(self, spec: InsertSpec) -> int:
+        """spec.extra_heads, with None resolved to one inserted KV group (heads_step()) and logged at INFO;
+        an explicit value that breaks the model's query/KV grouping is a SpecError."""
         n_q = self.query_heads()
         heads = {node: r for node, r in self.roles.items() if r.kind == "heads"}
         step = self.heads_step()
+        n_kv = min((r.heads for r in heads.values()), default=0)
+        if spec.extra_heads is None:
+            why = (f"one inserted KV group: {n_q} query heads / {n_kv} KV heads" if heads
+                   else "no attention heads found in the graph")
+            log.info("extra_heads=None -> %d (%s)", step, why)
+            return step
         if spec.extra_heads % step:
             fewest = min(heads, key=lambda n: heads[n].heads)
             raise SpecError(
@@ -198,13 +208,19 @@ class Analysis:
                 f"heads ({module_path(fewest)}); inserted query heads bring their own KV heads in the model's "
                 f"grouping, got {spec.extra_heads}",
             )
+        return spec.extra_heads
+
+    def widths(self, spec: InsertSpec) -> dict[fx.Node, Width]:
+        """Companion width of every linear's output, from the spec and the linear's role."""
+        n_q = self.query_heads()
+        extra_heads = self.extra_heads(spec)
         out: dict[fx.Node, Width] = {}
         for node, r in self.roles.items():
             o = self.linears[node].out_features
             if r.kind == "residual":
                 out[node] = Width(spec.extra_dim, "residual", 1)
             elif r.kind == "heads":
-                out[node] = Width(int(Fraction(o * spec.extra_heads, n_q)), "heads", r.unit)
+                out[node] = Width(int(Fraction(o * extra_heads, n_q)), "heads", r.unit)
             elif r.kind == "ffn":
                 size = Fraction(o * spec.extra_ffn, r.inner)
                 if size.denominator != 1:

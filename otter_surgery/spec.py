@@ -15,7 +15,11 @@ class InsertSpec:
 
     extra_dim:   width d_a of the inserted residual dims e (the hidden state becomes [h ; e]).
     extra_heads: inserted query heads per attention layer. Under GQA they bring their own KV heads in
-                 the model's own grouping, so it must be a multiple of (query heads / KV heads).
+                 the model's own grouping, so it must be a multiple of (query heads / KV heads); 0 inserts
+                 none. None (the default) means one inserted KV group, the smallest value that fits the
+                 model: 1 under multi-head attention, query heads / KV heads under GQA (3 for SmolLM2's
+                 9 / 3). It is resolved by insert() from the captured graph and logged at INFO on the
+                 "otter_surgery" logger; the spec itself keeps None.
     extra_ffn:   inserted intermediate units per FFN.
     signal:      "reward" (n_rewards scalars per position), "calibration" (vocab-sized logits), "medusa"
                  (n_medusa future-token heads), or several as a tuple.
@@ -26,7 +30,7 @@ class InsertSpec:
     """
 
     extra_dim: int = 64
-    extra_heads: int = 1
+    extra_heads: int | None = None  # None: one inserted KV group (Analysis.heads_step())
     extra_ffn: int = 128
     signal: str | tuple[str, ...] = "reward"
     n_rewards: int = 1
@@ -37,12 +41,15 @@ class InsertSpec:
     def __post_init__(self) -> None:
         for name in ("extra_dim", "extra_heads", "extra_ffn", "n_rewards", "n_medusa", "seed"):
             value = getattr(self, name)
+            if value is None and name == "extra_heads":
+                continue  # the default: resolved from the model at insert() time
             if not isinstance(value, int) or isinstance(value, bool):
-                raise SpecError(name, f"must be an int, got {value!r}")
+                allowed = "an int or None" if name == "extra_heads" else "an int"
+                raise SpecError(name, f"must be {allowed}, got {value!r}")
         if self.extra_dim < 1:
             raise SpecError("extra_dim", f"must be >= 1 (the inserted residual width), got {self.extra_dim}")
         for name in ("extra_heads", "extra_ffn", "seed"):
-            if getattr(self, name) < 0:
+            if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise SpecError(name, f"must be >= 0, got {getattr(self, name)}")
         for name in ("n_rewards", "n_medusa"):
             if getattr(self, name) < 1:
