@@ -4,6 +4,7 @@ import os
 
 import pytest
 import torch
+from safetensors import safe_open
 from transformers import AutoConfig
 
 import otter_surgery as otter
@@ -39,8 +40,30 @@ def test_tied_embeddings_roundtrip(tmp_path):
     cfg = AutoConfig.for_model("qwen2", vocab_size=40, hidden_size=16, intermediate_size=12, num_hidden_layers=1,
                                num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
     model = build_model(cfg)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
     omodel = otter.insert(model, otter.InsertSpec(extra_dim=2, extra_heads=2, extra_ffn=2))
-    otter.load(model, otter.save(omodel, tmp_path / "a"))
+    with torch.no_grad():  # trained-looking values, so the roundtrip has something to restore
+        for p in omodel.inserted_parameters().values():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    path = otter.save(omodel, tmp_path / "a")
+    with safe_open(str(path / ADAPTER_WEIGHTS), "pt") as f:  # inserted parameters only, no base tensor
+        assert set(f.keys()) == set(omodel.inserted_parameters())
+    loaded = otter.load(model, path)
+    assert loaded.spec == omodel.spec
+    saved, restored = omodel.inserted_parameters(), loaded.inserted_parameters()
+    assert saved.keys() == restored.keys()
+    assert all(torch.equal(saved[k], restored[k]) for k in saved)
+    # The tied embedding / lm_head is still one tensor, shared with the user's model (not copied, not untied).
+    ptr = model.model.embed_tokens.weight.data_ptr()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    tied = [k for k, v in loaded.base_parameters().items() if v.data_ptr() == ptr]
+    assert any("embed_tokens" in k for k in tied) and any("lm_head" in k for k in tied), tied
+    ids = torch.randint(0, 40, (2, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        a, b = omodel(input_ids=ids), loaded(input_ids=ids)
+        want = model(input_ids=ids).logits
+    assert torch.equal(b.logits, want) and torch.equal(a.logits, want)
+    assert torch.equal(a.reward, b.reward)
 
 
 def test_refuses_a_different_base(tiny_llama, tmp_path):
@@ -93,7 +116,8 @@ def test_save_is_atomic(tiny_llama, tmp_path, monkeypatch):
 
 
 def test_loading_never_unpickles(tiny_llama, tmp_path, monkeypatch):
-    path = otter.save(trained(tiny_llama), tmp_path / "adapter")
+    omodel = trained(tiny_llama)
+    path = otter.save(omodel, tmp_path / "adapter")
     import pickle
 
     def refuse(*a, **k):
@@ -102,5 +126,11 @@ def test_loading_never_unpickles(tiny_llama, tmp_path, monkeypatch):
     monkeypatch.setattr(pickle, "load", refuse)
     monkeypatch.setattr(pickle, "loads", refuse)
     monkeypatch.setattr(torch, "load", refuse)
-    otter.load(tiny_llama, path)
+    loaded = otter.load(tiny_llama, path)
     assert json.loads((path / ADAPTER_CONFIG).read_text())["format"] == "otter-adapter"
+    saved, restored = omodel.inserted_parameters(), loaded.inserted_parameters()
+    assert restored and saved.keys() == restored.keys()
+    assert all(torch.equal(saved[k], restored[k]) for k in saved)
+    ids = torch.randint(0, 61, (2, 5), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, tiny_llama(input_ids=ids).logits)

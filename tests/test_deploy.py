@@ -3,7 +3,8 @@ import pytest
 import torch
 
 import otter_surgery as otter
-from otter_surgery.deploy import _probe
+from otter_surgery.capture import example_inputs
+from otter_surgery.deploy import compare, probe_batch
 from otter_surgery.support import tiny_config
 from otter_surgery.testing import build_model, heads_step
 
@@ -20,7 +21,8 @@ def test_merged_checkpoint_reloads_and_reports_truthfully(arch, tied, tmp_path):
     merged = otter.load_merged(tmp_path / "merged")
     assert merged.form == "fused"
     assert not any(p.is_meta for p in merged.parameters())
-    batch = _probe(omodel, model.config.vocab_size)
+    batch = probe_batch(omodel)  # the batch the report describes
+    assert batch["attention_mask"][0, 0] == 0 and batch["attention_mask"].shape == (2, 11)  # a padded row
     with torch.no_grad():
         want = model(**batch).logits
         side_car = omodel(**batch)
@@ -31,6 +33,26 @@ def test_merged_checkpoint_reloads_and_reports_truthfully(arch, tied, tmp_path):
     assert report.logits_max_abs_diff == (fused.logits - want).abs().max().item()
     # Same parameters, one GEMM instead of two: signals agree to float rounding.
     torch.testing.assert_close(fused.reward, side_car.reward, rtol=1e-4, atol=1e-5)
+    # The same holds on capture's public example batch (another shape, another padded row).
+    probe = example_inputs(model, takes_mask=True)
+    with torch.no_grad():
+        assert torch.equal(omodel(**probe).logits, model(**probe).logits)
+        fused_probe = merged(**probe)
+    torch.testing.assert_close(fused_probe.reward, omodel(**probe).reward, rtol=1e-4, atol=1e-5)
+
+
+def test_compare_is_nan_aware(tiny_llama):
+    """compare() says bit-identical for identical logits even when they hold NaN (torch.equal would not)."""
+    model = build_model(tiny_llama.config)  # a copy of our own: its lm_head gets NaN below
+    omodel = otter.insert(model, otter.InsertSpec(extra_dim=4, extra_heads=3, extra_ffn=4))
+    batch = probe_batch(omodel)
+    assert compare(omodel, omodel, batch) == (True, 0.0, 0.0)
+    with torch.no_grad():
+        model.lm_head.weight[0, :] = float("nan")  # NaN logits for token 0, in the shared base tensor
+        logits = omodel(**batch).logits
+    assert logits.isnan().any() and not torch.equal(logits, logits)
+    same, _, _ = compare(omodel, omodel, batch)
+    assert same is True
 
 
 def test_fuse_keeps_signals_and_base_tensors_unchanged(tiny_llama):

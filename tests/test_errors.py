@@ -33,7 +33,14 @@ def test_gqa_extra_heads_must_keep_the_grouping(tiny_llama):
     with pytest.raises(SpecError) as err:
         otter.insert(tiny_llama, otter.InsertSpec(extra_heads=1))
     assert err.value.field == "extra_heads" and "multiple of 3" in str(err.value)
-    otter.insert(tiny_llama, otter.InsertSpec(extra_dim=4, extra_heads=3, extra_ffn=4))
+    omodel = otter.insert(tiny_llama, otter.InsertSpec(extra_dim=4, extra_heads=3, extra_ffn=4))
+    params = omodel.inserted_parameters()
+    # One whole KV group: 3 query heads and 1 KV head of head_dim 8.
+    assert params["model.layers.0.self_attn.q_proj.weight.inserted"].shape[0] == 3 * 8
+    assert params["model.layers.0.self_attn.k_proj.weight.inserted"].shape[0] == 8
+    ids = torch.randint(0, 61, (2, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(omodel(input_ids=ids).logits, tiny_llama(input_ids=ids).logits)
 
 
 class CumsumDecoder(SdpaDecoder):
@@ -107,4 +114,37 @@ def test_unsupported_forward_inputs_are_refused(tiny_llama):
     ids = torch.randint(0, 61, (1, 4))
     with pytest.raises(TypeError, match="position_ids"):
         omodel(input_ids=ids, position_ids=torch.arange(4)[None])
-    omodel(input_ids=ids, use_cache=False)
+    # Flags that do not change the computation are accepted and change nothing.
+    with torch.no_grad():
+        plain = omodel(input_ids=ids)
+        flagged = omodel(input_ids=ids, use_cache=False)
+        want = tiny_llama(input_ids=ids).logits
+    assert torch.equal(flagged.logits, want) and torch.equal(plain.logits, want)
+    assert torch.equal(flagged.reward, plain.reward)
+
+
+def test_a_pass_that_changes_an_original_node_is_caught(tiny_llama, monkeypatch):
+    """The central postcondition: every original node keeps its target, args and kwargs. A rule that
+    rewires an original node - here it only swaps the operands of an add, which leaves the values (and so
+    the logits) bit-identical, so nothing but the postcondition can notice - stops insert()."""
+    from otter_surgery import oprules
+    from otter_surgery.errors import OtterError
+
+    real_add = oprules.RULES["add"]
+    changed = []
+
+    def meddling_add(ctx, node):
+        comp = real_add(ctx, node)
+        if not changed and len(node.args) == 2 and all(isinstance(a, torch.fx.Node) for a in node.args):
+            node.args = (node.args[1], node.args[0])
+            changed.append(node.name)
+        return comp
+
+    monkeypatch.setitem(oprules.RULES, "add", meddling_add)
+    with pytest.raises(OtterError) as err:
+        otter.insert(tiny_llama, otter.InsertSpec(extra_dim=4, extra_heads=3, extra_ffn=4))
+    assert changed, "the patched rule never ran"
+    assert "was changed by a pass" in str(err.value)
+    assert f"original node '{changed[0]}'" in str(err.value)
+    monkeypatch.undo()  # the same insert with the real rule is fine
+    assert otter.insert(tiny_llama, otter.InsertSpec(extra_dim=4, extra_heads=3, extra_ffn=4)).inserted_parameters()

@@ -1,4 +1,6 @@
 """Training touches only inserted parameters; objectives learn on toy data."""
+import math
+
 import pytest
 import torch
 
@@ -84,9 +86,82 @@ def test_training_is_seeded_and_supports_accumulation_bf16_and_early_stop(tiny_l
     assert run(seed=1).losses == run(seed=1).losses
     assert run(seed=1).losses != run(seed=2).losses
     assert len(run(grad_accum=2).losses) == 6
-    assert all(l == l for l in run(bf16=True).losses)  # finite, runs under autocast
+    assert all(math.isfinite(l) for l in run(bf16=True).losses)  # finite; autocast: test_bf16_runs_under_autocast
     stopped = run(eval_data=separable_pairs(8, 1), eval_every=1, patience=1, lr=0.0)
     assert stopped.stopped_early and stopped.steps < 6
+
+
+def test_bf16_runs_under_autocast(tiny_llama):
+    """bf16=True: the forward runs under autocast (bf16 activations reach the outputs), the loss is finite
+    and differs from the fp32 run, and the parameters stay fp32 (autocast casts activations, not weights)."""
+    def run(bf16):
+        omodel = otter.insert(tiny_llama, otter.InsertSpec(extra_dim=4, extra_heads=3, extra_ffn=4))
+        seen = []
+        omodel.register_forward_hook(lambda module, args, out: seen.append((out.logits.dtype, out.reward.dtype)))
+        result = otter.train(omodel, separable_pairs(16, 0), "pairwise", steps=3, batch_size=4, bf16=bf16,
+                             progress=False)
+        return result.losses, seen, omodel
+
+    fp32_losses, fp32_seen, _ = run(False)
+    bf16_losses, bf16_seen, omodel = run(True)
+    assert fp32_seen and set(fp32_seen) == {(torch.float32, torch.float32)}
+    assert bf16_seen and set(bf16_seen) == {(torch.bfloat16, torch.bfloat16)}
+    assert all(math.isfinite(l) for l in fp32_losses + bf16_losses)
+    assert bf16_losses != fp32_losses
+    assert all(p.dtype == torch.float32 for p in omodel.inserted_parameters().values())
+
+
+def equal_length_pairs(n, seed):
+    """Like separable_pairs, but every sequence has 6 tokens: no padding, so a micro-batch and the big batch
+    compute each row with the same shapes."""
+    g = torch.Generator().manual_seed(seed)
+    pairs = []
+    for _ in range(n):
+        body = torch.randint(10, 61, (5,), generator=g).tolist()
+        cut = int(torch.randint(0, 5, (1,), generator=g))
+        pairs.append({"chosen": body[:cut] + [5] + body[cut:], "rejected": body[:cut] + [7] + body[cut:]})
+    return pairs
+
+
+@pytest.mark.parametrize("micro, accum", [(4, 2), (2, 4)])
+def test_grad_accum_equals_one_big_batch(tiny_llama, monkeypatch, micro, accum):
+    """One optimizer step over `accum` micro-batches of `micro` examples moves the inserted parameters as one
+    step over a batch of micro * accum examples (the same examples: both runs shuffle with the same seed).
+
+    The optimizer is swapped for plain SGD, so the update is exactly -lr * gradient and comparing parameters
+    compares the accumulated gradient itself. AdamW's first step is lr * m/(sqrt(v) + eps) ~ lr * sign(g):
+    it would hide a scale error (a missing 1/grad_accum) and turn rounding-level differences of near-zero
+    gradient entries into differences of up to lr.
+
+    Not bit-exact, hence assert_close: the big batch and the micro-batches run GEMMs of different sizes, and
+    the weight gradients are sums over batch x sequence rows taken in a different order (and the loss is a
+    mean over 8 vs. two means over 4, halved); float addition is not associative, so the last bits differ
+    (about 6e-8 absolute here). This is a training test, not the logits bit-identity guarantee."""
+    def sgd(params, lr, weight_decay):
+        return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
+
+    monkeypatch.setattr(torch.optim, "AdamW", sgd)
+    data = equal_length_pairs(micro * accum, 0)
+
+    def one_step(**kw):
+        omodel = otter.insert(tiny_llama, otter.InsertSpec(extra_dim=4, extra_heads=3, extra_ffn=4))
+        before = {k: p.detach().clone() for k, p in omodel.inserted_parameters().items()}
+        result = otter.train(omodel, data, "pairwise", steps=1, lr=1.0, progress=False, **kw)
+        after = omodel.inserted_parameters()
+        return result.losses, {k: after[k].detach() - before[k] for k in before}
+
+    acc_losses, acc = one_step(batch_size=micro, grad_accum=accum)
+    big_losses, big = one_step(batch_size=micro * accum, grad_accum=1)
+    assert len(acc_losses) == len(big_losses) == 1
+    assert math.isfinite(acc_losses[0]) and acc_losses[0] == pytest.approx(big_losses[0], rel=1e-6)
+    assert acc.keys() == big.keys()
+    assert sum(int(d.count_nonzero()) for d in big.values()) > 0  # the step moved something
+    for name in big:
+        torch.testing.assert_close(acc[name], big[name], rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+    # The comparison sees the gradient's scale: a step of twice (or half) the size would not pass.
+    biggest = max(big, key=lambda k: big[k].abs().max())
+    assert not torch.allclose(2 * acc[biggest], big[biggest], rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(acc[biggest] / accum, big[biggest], rtol=1e-5, atol=1e-6)
 
 
 def test_objective_needs_its_signal(tiny_llama):
