@@ -101,6 +101,7 @@ class Analysis:
         """(heads, unit) if this view splits the last axis of `src` into [heads, unit...], else None."""
         in_sh, out_sh = shape(src), shape(view)
         for gi, gj in reshape_groups(in_sh, out_sh):
+            gj = [j for j in gj if concrete_size(out_sh[j]) != 1]  # a unit axis ([b*1, d] -> [b, 1, d]) splits nothing
             static = all(concrete_size(out_sh[j]) is not None for j in gj)  # heads never depend on the sequence
             if len(in_sh) - 1 in gi and len(gj) >= 2 and static:
                 return concrete_size(out_sh[gj[0]]), product([out_sh[j] for j in gj[1:]])

@@ -142,14 +142,16 @@ class _CachedStep(nn.Module):
     the 2-D mask over past + new tokens, position ids (when the model takes them), `logits_to_keep=1` (when
     it takes it), and a DynamicCache of the past keys/values. Returns (logits, *updated cache tensors)."""
 
-    def __init__(self, model: nn.Module, takes_positions: bool, keep_last: bool):
+    def __init__(self, model: nn.Module, takes_positions: bool, keep_last: bool, masked: bool = True):
         super().__init__()
         self.m = model
         self.takes_positions = takes_positions
         self.keep_last = keep_last
+        self.masked = masked
 
     def forward(self, input_ids, attention_mask, position_ids, past: list):
-        kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, past_key_values=_cache_from(past), use_cache=True)
+        mask = attention_mask if self.masked else None
+        kwargs = dict(input_ids=input_ids, attention_mask=mask, past_key_values=_cache_from(past), use_cache=True)
         if self.takes_positions:
             kwargs["position_ids"] = position_ids
         if self.keep_last:
@@ -170,19 +172,45 @@ class CapturedStep:
     reference: nn.Module  # the same step run eagerly on the user's model, for checks
 
 
+@contextlib.contextmanager
+def _eager_kernel_choices():
+    """transformers' SDPA integration packs a one-token GQA query onto the KV heads in eager mode but not
+    while compiling (`is_torchdynamo_compiling()`, true under torch.export). The packing is static reshapes,
+    so the step is captured on the path eager decoding takes: otherwise the captured step would compute the
+    base logits with other kernels than the base model's own generate."""
+    try:
+        from transformers.integrations import sdpa_attention
+    except ImportError:  # pragma: no cover
+        yield
+        return
+    original = getattr(sdpa_attention, "is_torchdynamo_compiling", None)
+    if original is None:
+        yield
+        return
+    sdpa_attention.is_torchdynamo_compiling = lambda: False
+    try:
+        yield
+    finally:
+        sdpa_attention.is_torchdynamo_compiling = original
+
+
 def step_signature(model: nn.Module) -> tuple[bool, bool]:
     """(takes position_ids, takes logits_to_keep): what generate() would pass this model."""
     params = inspect.signature(model.forward).parameters
     return "position_ids" in params, "logits_to_keep" in params
 
 
-def capture_step(model: nn.Module) -> CapturedStep:
-    """Export one KV-cached step of a transformers causal LM with dynamic batch, new-token and past lengths.
-    A past of length 0 is the prefill, so one graph serves prefill and every decode step."""
+def capture_step(model: nn.Module, one_token: bool = False, masked: bool = True) -> CapturedStep:
+    """Export one KV-cached step of a transformers causal LM with dynamic batch and past lengths, and a
+    dynamic number of new tokens (a past of length 0 is the prefill) — or, with `one_token`, exactly one new
+    token: transformers picks other kernels for a one-token query (e.g. packing GQA query heads), so the
+    decode step is captured on that path, as generate runs it. Without `masked` the model gets no
+    attention mask (the mask input is ignored), as generate calls it when no row is padded: transformers
+    then skips the mask and again picks other kernels."""
     if not is_transformers_model(model):
         raise CaptureError(f"{type(model).__name__} is not a transformers model: it has no KV-cache interface to capture")
     takes_positions, keep_last = step_signature(model)
-    wrapper = _CachedStep(model, takes_positions, keep_last)
+    wrapper = _CachedStep(model, takes_positions, keep_last, masked)
     prompt = example_inputs(model, True)
     with _eval_mode(model), torch.no_grad():
         try:
@@ -195,13 +223,16 @@ def capture_step(model: nn.Module) -> CapturedStep:
             raise CaptureError(f"{type(model).__name__}'s cache is not made of [batch, heads, seq, head_dim] tensors")
         ids, mask = prompt["input_ids"], prompt["attention_mask"]
         # Two new tokens (sizes > 1 keep every dim symbolic) after the 7-token example prompt.
-        new_ids = ids[:, :2]
+        n = 1 if one_token else 2
+        new_ids = ids[:, :n]
         new_mask = torch.cat([mask, torch.ones_like(new_ids)], 1)
-        positions = (mask.sum(-1, keepdim=True) + torch.arange(2, device=ids.device))
+        positions = (mask.sum(-1, keepdim=True) + torch.arange(n, device=ids.device))
         batch, new, seen = (torch.export.Dim.DYNAMIC for _ in range(3))
-        dyn = ({0: batch, 1: new}, {0: batch, 1: seen}, {0: batch, 1: new}, [{0: batch, 2: seen}] * len(past))
+        tokens = {0: batch} if one_token else {0: batch, 1: new}
+        dyn = (tokens, {0: batch, 1: seen}, tokens, [{0: batch, 2: seen}] * len(past))
         try:
-            ep = torch.export.export(wrapper, (new_ids, new_mask, positions, past), dynamic_shapes=dyn, strict=False)
+            with _eager_kernel_choices():
+                ep = torch.export.export(wrapper, (new_ids, new_mask, positions, past), dynamic_shapes=dyn, strict=False)
         except Exception as exc:
             raise CaptureError(f"torch.export could not capture a cached step of {type(model).__name__}: {exc}") from exc
     gm = _to_graph_module(ep)

@@ -243,10 +243,13 @@ def reshape(ctx: Context, node: fx.Node) -> Comp | None:
         if product([in_sh[a] for a in before]) != 1:
             _fail(node, "the inserted axis is not the leading axis of the merged group; "
                         "merging would interleave inserted and original dims")
-        # Concatenating along the first axis of a row-major group = concatenating the flattened group.
-        t = gj[0]
+        # Concatenating along the first axis of a row-major group = concatenating the flattened group. Unit
+        # axes in front of it (a one-token decode step's [b*1, d] -> [b, 1, d]) hold nothing to concatenate,
+        # so the inserted dims go on the group's first axis of size > 1.
+        t = next((a for a in gj if numeric_shape([out_sh[a]])[0] != 1), gj[0])
+        after = gj[gj.index(t) + 1:]
         flat = Fraction(product([in_sh[a] for a in gi]) * c.size, numeric_shape([in_sh[c.axis]])[0])
-        new_size = frac_int(flat / product([out_sh[a] for a in gj[1:]]))
+        new_size = frac_int(flat / product([out_sh[a] for a in after]))
         if new_size is None:
             _fail(node, f"{c.size} inserted dims do not fill whole units of the reshaped axis {t}")
         target = list(node.args[1])
@@ -255,7 +258,7 @@ def reshape(ctx: Context, node: fx.Node) -> Comp | None:
                 _fail(node, "the reshaped inserted axis has a symbolic size")
             target[t] = new_size
         merged = product([in_sh[a] for a in gi[gi.index(c.axis) + 1:]])
-        split = product([out_sh[a] for a in gj[1:]])
+        split = product([out_sh[a] for a in after])
         unit = max(1, c.unit * merged // split)
         # reshape (not view): a companion may be non-contiguous where the original is not.
         return replace(c, node=ctx.emit(aten.reshape.default, (c.node, target)), axis=t, size=new_size, unit=unit)

@@ -65,55 +65,77 @@ def _positions(mask: torch.Tensor) -> torch.Tensor:
     return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
 
 
-class CachedDecoder:
-    """Runs the rewritten decode-step graph: `start` (prefill) and `step` (any number of new tokens)."""
+class _StepGraph:
+    """One captured, rewritten variant of the step, sharing the full graph's inserted parameters."""
 
-    cached = True
-
-    def __init__(self, omodel: OtterModel):
+    def __init__(self, omodel: OtterModel, one_token: bool, masked: bool):
         from .insert import rewrite
 
-        base = omodel.base_model
-        if base is None:
-            raise OtterError("this Otter model has no base model attached (a merged checkpoint); decoding needs "
-                             "otter.insert(model, spec) or otter.load(model, adapter_dir)")
-        if omodel.form != "side-car":
-            raise OtterError(f"decoding runs the side-car form; this model is in the {omodel.form!r} form")
-        captured = capture_step(base)
+        captured = capture_step(omodel.base_model, one_token=one_token, masked=masked)
         self.gm = captured.graph_module
         ctx = rewrite(self.gm, omodel.spec, freeze=False)
         _share_inserted(omodel, self.gm, ctx.param_names)
         self.reference = captured.reference
         self.cache_shapes, self.dtype = captured.cache_shapes, captured.cache_dtype
         self.layout = list(self.gm.meta.get("otter_cache", []))
-        self.signals = omodel.spec.signals
-        self.device = next(iter(omodel.parameters())).device
         holders = [n for n in self.gm.graph.nodes if n.op == "placeholder"]
         self.inserted_order = [n.meta["otter_cache_companion"] for n in holders if "otter_cache_companion" in n.meta]
-        self._probe()
+
+
+class CachedDecoder:
+    """Runs the rewritten decode-step graph: `start` (prefill) and `step` (any number of new tokens).
+
+    transformers chooses attention kernels by facts a graph cannot branch on (one new token or several;
+    an attention mask with padding or none at all, which generate passes when no row is padded), so the
+    step is captured once per such case, on first use, each checked against the base model's own step."""
+
+    cached = True
+
+    def __init__(self, omodel: OtterModel):
+        if omodel.base_model is None:
+            raise OtterError("this Otter model has no base model attached (a merged checkpoint); decoding needs "
+                             "otter.insert(model, spec) or otter.load(model, adapter_dir)")
+        if omodel.form != "side-car":
+            raise OtterError(f"decoding runs the side-car form; this model is in the {omodel.form!r} form")
+        self.omodel = omodel
+        self.signals = omodel.spec.signals
+        self.device = next(iter(omodel.parameters())).device
+        self.graphs: dict[tuple[bool, bool], _StepGraph] = {}
+        self.graph(one_token=False, masked=True)  # capture problems surface at the first generate() call
+
+    def graph(self, one_token: bool, masked: bool) -> _StepGraph:
+        key = (one_token, masked)
+        if key not in self.graphs:
+            self.graphs[key] = _StepGraph(self.omodel, one_token, masked)
+            self._probe(self.graphs[key], one_token, masked)
+        return self.graphs[key]
 
     # -- running ------------------------------------------------------------------------------------------
     def _run(self, tokens: torch.Tensor, state: DecodeState, positions: torch.Tensor) -> tuple[StepOutput, DecodeState]:
-        args = [tokens, state.mask, positions, state.cache, [state.inserted[i] for i in self.inserted_order]]
-        values = self.gm(*args[:3], *args[3], *args[4])
+        g = self.graph(one_token=tokens.shape[1] == 1, masked=not bool(state.mask.all()))
+        inserted = [state.inserted[i] for i in g.inserted_order]
+        values = g.gm(tokens, state.mask, positions, *state.cache, *inserted)
         n_sig, n_cache = len(self.signals), len(state.cache)
         out = StepOutput(values[0], dict(zip(self.signals, values[1:1 + n_sig])))
         cache = list(values[1 + n_sig:1 + n_sig + n_cache])
-        inserted = {i: t for (i, _, _), t in zip(self.layout, values[1 + n_sig + n_cache:])}
+        inserted = {i: t for (i, _, _), t in zip(g.layout, values[1 + n_sig + n_cache:])}
         return out, DecodeState(state.mask, positions[:, -1:], cache, inserted)
+
+    def empty_state(self, attention_mask: torch.Tensor) -> DecodeState:
+        g = self.graph(one_token=False, masked=True)
+        rows = attention_mask.shape[0]
+        empty = [torch.zeros(rows, h, 0, d, dtype=g.dtype, device=self.device) for h, d in g.cache_shapes]
+        inserted = {}
+        for i, axis, size in g.layout:
+            shape = list(empty[i].shape)
+            shape[axis] = size
+            inserted[i] = empty[i].new_zeros(shape)
+        return DecodeState(attention_mask, torch.zeros(rows, 1, dtype=torch.long), empty, inserted)
 
     @torch.no_grad()
     def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[StepOutput, DecodeState]:
         """Prefill: the prompt in one call, from an empty cache."""
-        rows = input_ids.shape[0]
-        empty = [torch.zeros(rows, h, 0, d, dtype=self.dtype, device=self.device) for h, d in self.cache_shapes]
-        inserted = {}
-        for i, axis, size in self.layout:
-            shape = list(empty[i].shape)
-            shape[axis] = size
-            inserted[i] = empty[i].new_zeros(shape)
-        state = DecodeState(attention_mask, torch.zeros(rows, 1, dtype=torch.long), empty, inserted)
-        return self._run(input_ids, state, _positions(attention_mask))
+        return self._run(input_ids, self.empty_state(attention_mask), _positions(attention_mask))
 
     @torch.no_grad()
     def step(self, tokens: torch.Tensor, state: DecodeState) -> tuple[StepOutput, DecodeState]:
@@ -124,25 +146,45 @@ class CachedDecoder:
         return self._run(tokens, replace(state, mask=mask), positions)
 
     def reference_step(self, tokens, mask, positions, cache) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """The base model's own cached step (eager transformers code) on the same inputs and cache."""
-        with _eval_mode(self.reference.m), torch.no_grad():
-            logits, *new = self.reference(tokens, mask, positions, list(cache))
+        """The base model's own cached step (eager transformers code, called as generate calls it: no mask
+        when no row is padded) on the same inputs and cache."""
+        reference = self.graph(one_token=False, masked=True).reference
+        with _eval_mode(reference.m), torch.no_grad():
+            reference.masked = not bool(mask.all())
+            try:
+                logits, *new = reference(tokens, mask, positions, list(cache))
+            finally:
+                reference.masked = True
         return logits, new
 
-    def _probe(self) -> None:
-        """Prefill + one step on a small batch: the base logits must be the base model's own, bit for bit."""
+    def _probe(self, g: _StepGraph, one_token: bool, masked: bool) -> None:
+        """Run the new variant once: its base logits must be the base model's own cached step, bit for bit."""
         ids = torch.arange(12, device=self.device).reshape(2, 6) % 7 + 3
         mask = torch.ones_like(ids)
-        mask[0, :2] = 0
-        with torch.no_grad():
-            out, state = self.start(ids, mask)
-            empty = [c[:, :, :0] for c in state.cache]
-            want, cache = self.reference_step(ids, mask, _positions(mask), empty)
-            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-            out2, state2 = self.step(nxt, state)
-            want2, _ = self.reference_step(nxt, state2.mask, state2.last_position, cache)
-        if not (bits_equal(out.logits, want) and bits_equal(out2.logits, want2)):
-            raise OtterError("internal error: the rewritten decode step's logits differ from the base model's cached step")
+        if masked:
+            mask[0, :2] = 0
+        rows = 2
+        with torch.no_grad(), _eval_mode(g.reference.m):
+            empty = [torch.zeros(rows, h, 0, d, dtype=g.dtype, device=self.device) for h, d in g.cache_shapes]
+            past = empty
+            if one_token:  # a past from the eager model, then one token
+                _, *past = g.reference(ids, mask, _positions(mask), empty)
+                ids, mask = ids[:, :1], torch.cat([mask, mask.new_ones(rows, 1)], 1)
+                positions = _positions(mask)[:, -1:]
+            else:
+                positions = _positions(mask)
+            want, *_ = g.reference(ids, mask, positions, past)
+            inserted = []
+            for i in g.inserted_order:
+                axis, size = next((a, s) for j, a, s in g.layout if j == i)
+                shape = list(past[i].shape)
+                shape[axis] = size
+                inserted.append(past[i].new_zeros(shape))
+            got = g.gm(ids, mask, positions, *past, *inserted)[0]
+        if not bits_equal(got, want):
+            raise OtterError("internal error: the rewritten decode step's logits differ from the base model's "
+                             f"cached step ({'one' if one_token else 'several'} new tokens, "
+                             f"{'padded' if masked else 'unpadded'} rows)")
 
 
 class RecomputeDecoder:
