@@ -174,24 +174,28 @@ class CapturedStep:
 
 @contextlib.contextmanager
 def _eager_kernel_choices():
-    """transformers' SDPA integration packs a one-token GQA query onto the KV heads in eager mode but not
-    while compiling (`is_torchdynamo_compiling()`, true under torch.export). The packing is static reshapes,
-    so the step is captured on the path eager decoding takes: otherwise the captured step would compute the
-    base logits with other kernels than the base model's own generate."""
+    """Capture the step on the path eager transformers code takes. Two of its choices are switched off while
+    exporting, only because export cannot branch on data: skipping the attention mask when the model gets
+    none (`masking_utils`, behind `is_torchdynamo_exporting()`), and packing a one-token GQA query onto the KV
+    heads (`sdpa_attention`, behind `is_torchdynamo_compiling()`). Neither reads tensor data here (a given
+    mask is still never inspected: it is a traced tensor), so both are decided on static facts, as in eager;
+    otherwise the captured step would compute the base logits with other kernels than generate does."""
+    patches = []
     try:
+        from transformers import masking_utils
         from transformers.integrations import sdpa_attention
+
+        patches = [(masking_utils, "is_torchdynamo_exporting"), (sdpa_attention, "is_torchdynamo_compiling")]
     except ImportError:  # pragma: no cover
-        yield
-        return
-    original = getattr(sdpa_attention, "is_torchdynamo_compiling", None)
-    if original is None:
-        yield
-        return
-    sdpa_attention.is_torchdynamo_compiling = lambda: False
+        pass
+    saved = [(mod, name, getattr(mod, name)) for mod, name in patches if hasattr(mod, name)]
+    for mod, name, _ in saved:
+        setattr(mod, name, lambda: False)
     try:
         yield
     finally:
-        sdpa_attention.is_torchdynamo_compiling = original
+        for mod, name, original in saved:
+            setattr(mod, name, original)
 
 
 def step_signature(model: nn.Module) -> tuple[bool, bool]:
@@ -200,13 +204,19 @@ def step_signature(model: nn.Module) -> tuple[bool, bool]:
     return "position_ids" in params, "logits_to_keep" in params
 
 
-def capture_step(model: nn.Module, one_token: bool = False, masked: bool = True) -> CapturedStep:
-    """Export one KV-cached step of a transformers causal LM with dynamic batch and past lengths, and a
-    dynamic number of new tokens (a past of length 0 is the prefill) — or, with `one_token`, exactly one new
-    token: transformers picks other kernels for a one-token query (e.g. packing GQA query heads), so the
-    decode step is captured on that path, as generate runs it. Without `masked` the model gets no
-    attention mask (the mask input is ignored), as generate calls it when no row is padded: transformers
-    then skips the mask and again picks other kernels."""
+STEP_KINDS = ("prefill", "one", "several")
+
+
+def capture_step(model: nn.Module, kind: str = "one", masked: bool = True) -> CapturedStep:
+    """Export one KV-cached step of a transformers causal LM, dynamic in the batch size and:
+    kind="prefill": the prompt (any length) after an empty cache; "one": one new token after a past of any
+    length (the decode step); "several": several new tokens after a non-empty past (verifying drafts).
+    transformers picks its attention kernels by exactly these facts (a one-token query packs GQA heads; an
+    empty past with no padding needs no mask), so each is a graph of its own, captured on the eager path.
+    Without `masked` the model gets no attention mask (the mask input is ignored), as generate calls it when
+    no row is padded."""
+    if kind not in STEP_KINDS:
+        raise ValueError(f"kind must be one of {STEP_KINDS}, got {kind!r}")
     if not is_transformers_model(model):
         raise CaptureError(f"{type(model).__name__} is not a transformers model: it has no KV-cache interface to capture")
     takes_positions, keep_last = step_signature(model)
@@ -223,13 +233,19 @@ def capture_step(model: nn.Module, one_token: bool = False, masked: bool = True)
             raise CaptureError(f"{type(model).__name__}'s cache is not made of [batch, heads, seq, head_dim] tensors")
         ids, mask = prompt["input_ids"], prompt["attention_mask"]
         # Two new tokens (sizes > 1 keep every dim symbolic) after the 7-token example prompt.
-        n = 1 if one_token else 2
-        new_ids = ids[:, :n]
-        new_mask = torch.cat([mask, torch.ones_like(new_ids)], 1)
-        positions = (mask.sum(-1, keepdim=True) + torch.arange(n, device=ids.device))
         batch, new, seen = (torch.export.Dim.DYNAMIC for _ in range(3))
-        tokens = {0: batch} if one_token else {0: batch, 1: new}
-        dyn = (tokens, {0: batch, 1: seen}, tokens, [{0: batch, 2: seen}] * len(past))
+        if kind == "prefill":  # the example prompt after an empty past (a static 0)
+            new_ids, new_mask, positions = ids, mask, (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+            past = [t[:, :, :0] for t in past]
+            cache_dims = [{0: batch}] * len(past)
+        else:  # one or two new tokens after the 7-token example prompt (sizes > 1 stay symbolic)
+            n = 1 if kind == "one" else 2
+            new_ids = ids[:, :n]
+            new_mask = torch.cat([mask, torch.ones_like(new_ids)], 1)
+            positions = mask.sum(-1, keepdim=True) + torch.arange(n, device=ids.device)
+            cache_dims = [{0: batch, 2: seen}] * len(past)
+        tokens = {0: batch} if kind == "one" else {0: batch, 1: new}
+        dyn = (tokens, {0: batch, 1: seen}, tokens, cache_dims)
         try:
             with _eager_kernel_choices():
                 ep = torch.export.export(wrapper, (new_ids, new_mask, positions, past), dynamic_shapes=dyn, strict=False)

@@ -68,10 +68,10 @@ def _positions(mask: torch.Tensor) -> torch.Tensor:
 class _StepGraph:
     """One captured, rewritten variant of the step, sharing the full graph's inserted parameters."""
 
-    def __init__(self, omodel: OtterModel, one_token: bool, masked: bool):
+    def __init__(self, omodel: OtterModel, kind: str, masked: bool):
         from .insert import rewrite
 
-        captured = capture_step(omodel.base_model, one_token=one_token, masked=masked)
+        captured = capture_step(omodel.base_model, kind=kind, masked=masked)
         self.gm = captured.graph_module
         ctx = rewrite(self.gm, omodel.spec, freeze=False)
         _share_inserted(omodel, self.gm, ctx.param_names)
@@ -85,9 +85,10 @@ class _StepGraph:
 class CachedDecoder:
     """Runs the rewritten decode-step graph: `start` (prefill) and `step` (any number of new tokens).
 
-    transformers chooses attention kernels by facts a graph cannot branch on (one new token or several;
-    an attention mask with padding or none at all, which generate passes when no row is padded), so the
-    step is captured once per such case, on first use, each checked against the base model's own step."""
+    transformers chooses attention kernels by facts a graph cannot branch on (an empty past, one new token
+    or several; an attention mask with padding, or none at all, as generate passes it when no row is
+    padded), so the step is captured once per such case, on first use, each checked against the base
+    model's own step."""
 
     cached = True
 
@@ -100,19 +101,20 @@ class CachedDecoder:
         self.omodel = omodel
         self.signals = omodel.spec.signals
         self.device = next(iter(omodel.parameters())).device
-        self.graphs: dict[tuple[bool, bool], _StepGraph] = {}
-        self.graph(one_token=False, masked=True)  # capture problems surface at the first generate() call
+        self.graphs: dict[tuple[str, bool], _StepGraph] = {}
+        self.graph("prefill", masked=True)  # capture problems surface at the first generate() call
 
-    def graph(self, one_token: bool, masked: bool) -> _StepGraph:
-        key = (one_token, masked)
+    def graph(self, kind: str, masked: bool) -> _StepGraph:
+        key = (kind, masked)
         if key not in self.graphs:
-            self.graphs[key] = _StepGraph(self.omodel, one_token, masked)
-            self._probe(self.graphs[key], one_token, masked)
+            self.graphs[key] = _StepGraph(self.omodel, kind, masked)
+            self._probe(self.graphs[key], kind, masked)
         return self.graphs[key]
 
     # -- running ------------------------------------------------------------------------------------------
     def _run(self, tokens: torch.Tensor, state: DecodeState, positions: torch.Tensor) -> tuple[StepOutput, DecodeState]:
-        g = self.graph(one_token=tokens.shape[1] == 1, masked=not bool(state.mask.all()))
+        kind = "prefill" if state.cache[0].shape[2] == 0 else "one" if tokens.shape[1] == 1 else "several"
+        g = self.graph(kind, masked=not bool(state.mask.all()))
         inserted = [state.inserted[i] for i in g.inserted_order]
         values = g.gm(tokens, state.mask, positions, *state.cache, *inserted)
         n_sig, n_cache = len(self.signals), len(state.cache)
@@ -122,7 +124,7 @@ class CachedDecoder:
         return out, DecodeState(state.mask, positions[:, -1:], cache, inserted)
 
     def empty_state(self, attention_mask: torch.Tensor) -> DecodeState:
-        g = self.graph(one_token=False, masked=True)
+        g = self.graph("prefill", masked=True)
         rows = attention_mask.shape[0]
         empty = [torch.zeros(rows, h, 0, d, dtype=g.dtype, device=self.device) for h, d in g.cache_shapes]
         inserted = {}
@@ -148,7 +150,7 @@ class CachedDecoder:
     def reference_step(self, tokens, mask, positions, cache) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """The base model's own cached step (eager transformers code, called as generate calls it: no mask
         when no row is padded) on the same inputs and cache."""
-        reference = self.graph(one_token=False, masked=True).reference
+        reference = self.graph("prefill", masked=True).reference
         with _eval_mode(reference.m), torch.no_grad():
             reference.masked = not bool(mask.all())
             try:
@@ -157,7 +159,7 @@ class CachedDecoder:
                 reference.masked = True
         return logits, new
 
-    def _probe(self, g: _StepGraph, one_token: bool, masked: bool) -> None:
+    def _probe(self, g: _StepGraph, kind: str, masked: bool) -> None:
         """Run the new variant once: its base logits must be the base model's own cached step, bit for bit."""
         ids = torch.arange(12, device=self.device).reshape(2, 6) % 7 + 3
         mask = torch.ones_like(ids)
@@ -167,10 +169,11 @@ class CachedDecoder:
         with torch.no_grad(), _eval_mode(g.reference.m):
             empty = [torch.zeros(rows, h, 0, d, dtype=g.dtype, device=self.device) for h, d in g.cache_shapes]
             past = empty
-            if one_token:  # a past from the eager model, then one token
+            if kind != "prefill":  # a past from the eager model, then one or three tokens
                 _, *past = g.reference(ids, mask, _positions(mask), empty)
-                ids, mask = ids[:, :1], torch.cat([mask, mask.new_ones(rows, 1)], 1)
-                positions = _positions(mask)[:, -1:]
+                n = 1 if kind == "one" else 3
+                ids, mask = ids[:, :n], torch.cat([mask, mask.new_ones(rows, n)], 1)
+                positions = _positions(mask)[:, -n:]
             else:
                 positions = _positions(mask)
             want, *_ = g.reference(ids, mask, positions, past)
@@ -183,7 +186,7 @@ class CachedDecoder:
             got = g.gm(ids, mask, positions, *past, *inserted)[0]
         if not bits_equal(got, want):
             raise OtterError("internal error: the rewritten decode step's logits differ from the base model's "
-                             f"cached step ({'one' if one_token else 'several'} new tokens, "
+                             f"cached step ({kind} step, "
                              f"{'padded' if masked else 'unpadded'} rows)")
 
 

@@ -8,6 +8,10 @@ Examples are dicts of token-id lists (already tokenized):
 - calibration: {"input_ids": [...]}                    cross-entropy of logits + alpha * calibration on
                a target corpus (DExperts-style: the calibration logits learn the shift toward the expert)
 - medusa:      {"input_ids": [...]}                    head k predicts token t+k+2 (cross-entropy)
+- genarm:      {"prompt": [...], "chosen": [...], "rejected": [...]}  the calibration head as a token-level
+               (autoregressive) reward model, GenARM-style (Xu et al., ICLR 2025): Bradley-Terry on
+               alpha * sum of log_softmax(calibration) over the continuation's tokens, chosen vs rejected.
+               Decode with it through otter.Calibrated or otter.RewardGuided(head="token").
 """
 from __future__ import annotations
 
@@ -24,8 +28,9 @@ from .data import batched, last_token_index, pad
 from .errors import OtterError
 from .model import OtterModel
 
-OBJECTIVES = ("regression", "pairwise", "calibration", "medusa")
-_NEEDS = {"regression": "reward", "pairwise": "reward", "calibration": "calibration", "medusa": "medusa"}
+OBJECTIVES = ("regression", "pairwise", "calibration", "medusa", "genarm")
+_NEEDS = {"regression": "reward", "pairwise": "reward", "calibration": "calibration", "medusa": "medusa",
+          "genarm": "calibration"}
 
 
 @dataclass
@@ -57,9 +62,28 @@ def _next_token_ce(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, 
     return F.cross_entropy(pred[valid].float(), target[valid])
 
 
+def _continuation_logprob(logits: torch.Tensor, ids: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+    """Sum over each row's last `lengths[b]` tokens (left-padded rows) of log_softmax(logits) at the position
+    before each token: the log-probability of the continuation given the prompt."""
+    logp = logits[:, :-1].float().log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+    width = logp.shape[1]
+    positions = torch.arange(width, device=ids.device)
+    n = torch.tensor(lengths, device=ids.device)[:, None]
+    return (logp * (positions >= width - n)).sum(1)
+
+
 def batch_loss(omodel: OtterModel, examples: list[dict], objective: str, *, pad_id: int = 0,
                alpha: float = 1.0) -> tuple[torch.Tensor, dict]:
     """Loss of one batch and its metrics (pair accuracy for pairwise, ...)."""
+    if objective == "genarm":
+        n = len(examples)
+        conts = [e["chosen"] for e in examples] + [e["rejected"] for e in examples]
+        prompts = [e["prompt"] for e in examples] * 2
+        ids, mask = pad([list(p) + list(c) for p, c in zip(prompts, conts)], pad_id)
+        logp = _continuation_logprob(omodel(input_ids=ids, attention_mask=mask).calibration, ids,
+                                     [len(c) for c in conts]) * alpha
+        lc, lr = logp[:n], logp[n:]
+        return -F.logsigmoid(lc - lr).mean(), {"pair_accuracy": (lc > lr).float().mean().item()}
     if objective == "pairwise":
         ids, mask = pad([e["chosen"] for e in examples] + [e["rejected"] for e in examples], pad_id)
         r = _reward_last(omodel, ids, mask).float()
