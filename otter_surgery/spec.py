@@ -7,6 +7,7 @@ from .errors import SpecError
 
 SIGNALS = ("reward", "calibration", "medusa")
 INITS = ("copy", "normal", "random")
+VOCAB_HEADS = ("tied", "full")
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,10 @@ class InsertSpec:
     n_rewards:   number of reward outputs; out.reward is [batch, seq] for 1, [batch, seq, n] otherwise.
     n_medusa:    Medusa heads; out.medusa is [batch, seq, n_medusa, vocab], head k predicting token t+k+2.
     init:        "copy" (inserted units copy slices of existing ones, the paper's choice), "normal", "random".
+    vocab_heads: how the vocab-sized heads (calibration, medusa) make their logits. "tied" (default): each
+                 head is a trainable (d + extra_dim) -> d projection read out through the model's own frozen
+                 output matrix (shared, 0 bytes), like a tied lm_head; "full": its own vocab x (d + extra_dim)
+                 matrix (for SmolLM2, 30 M parameters per head — more than the rest of the insertion).
     seed:        seeds the initialisation, so two insert() calls with the same spec give the same model.
     """
 
@@ -37,6 +42,7 @@ class InsertSpec:
     n_medusa: int = 3
     init: str = "copy"
     seed: int = 0
+    vocab_heads: str = "tied"
 
     def __post_init__(self) -> None:
         for name in ("extra_dim", "extra_heads", "extra_ffn", "n_rewards", "n_medusa", "seed"):
@@ -56,6 +62,8 @@ class InsertSpec:
                 raise SpecError(name, f"must be >= 1, got {getattr(self, name)}")
         if not self.signals or any(s not in SIGNALS for s in self.signals) or len(set(self.signals)) != len(self.signals):
             raise SpecError("signal", f"must be one of {SIGNALS} or a tuple of them, got {self.signal!r}")
+        if self.vocab_heads not in VOCAB_HEADS:
+            raise SpecError("vocab_heads", f"must be one of {VOCAB_HEADS}, got {self.vocab_heads!r}")
         if self.init not in INITS:
             raise SpecError("init", f"must be one of {INITS}, got {self.init!r}")
 

@@ -5,6 +5,8 @@ before the graph's other original outputs (a decode step's updated KV cache), wh
 - reward: n_rewards scalars per position (a value head with bias) -> [batch, seq] or [batch, seq, n];
 - calibration: vocab-sized calibration logits (DExperts-style), no bias;
 - medusa: n_medusa vocab-sized future-token heads -> [batch, seq, n_medusa, vocab].
+Vocab-sized heads are "tied" by default: a trainable projection of [h ; e] to the model width, read out through
+the logits linear's own (frozen, shared) weight, as a tied lm_head is; "full" gives each its own matrix.
 """
 from __future__ import annotations
 
@@ -51,18 +53,38 @@ class SignalHeads(PassBase):
                 if n == 1:
                     y = ctx.emit(aten.squeeze.dim, (y, -1))
             elif signal == "calibration":
-                vocab = int(shape(logits)[-1])
-                w = ctx.new_param("calibration_head.weight", inits.head(vocab, width, ctx.generator), dtype, device)
-                y = ctx.emit(aten.linear.default, (x, w))
+                y = self._vocab_head(x, "calibration_head", 1, d, width, copy=False)
             else:
-                vocab, k = int(shape(logits)[-1]), ctx.spec.n_medusa
-                w = ctx.new_param("medusa_heads.weight", inits.head(k * vocab, width, ctx.generator), dtype, device)
-                y = ctx.emit(aten.unflatten.int, (ctx.emit(aten.linear.default, (x, w)), -1, [k, vocab]))
+                k = ctx.spec.n_medusa
+                y = ctx.emit(aten.unflatten.int, (self._vocab_head(x, "medusa_heads", k, d, width, copy=True), -1,
+                                                  [k, int(shape(logits)[-1])]))
             ctx.signal_nodes[signal] = y
         out.args = ((logits, *ctx.signal_nodes.values(), *self.rest),)
         gm.graph.lint()
         gm.recompile()
         return PassResult(gm, True)
+
+    def _vocab_head(self, x: fx.Node, name: str, k: int, d: int, width: int, copy: bool) -> fx.Node:
+        """k vocab-sized heads on x = [h ; e] -> [..., k * vocab]. Tied: per head a projection to the model
+        width (with copy init the identity on h: the head starts as the model's own next-token head, as
+        Medusa-1 starts its heads from the lm_head), then the logits linear's weight, shared and frozen."""
+        ctx = self.ctx
+        dtype, device = val(x.args[0][0]).dtype, val(x.args[0][0]).device
+        info = ctx.analysis.linears[ctx.analysis.logits_linear]
+        vocab = info.out_features
+        if ctx.spec.vocab_heads == "full":
+            w = ctx.new_param(f"{name}.weight", inits.head(k * vocab, width, ctx.generator), dtype, device)
+            return ctx.emit(aten.linear.default, (x, w))
+        if copy and ctx.spec.init == "copy":
+            proj = torch.eye(d, width).repeat(k, 1)
+        else:
+            proj = inits.head(k * d, width, ctx.generator)
+        p = ctx.new_param(f"{name}.projection", proj, dtype, device)
+        z = ctx.emit(aten.unflatten.int, (ctx.emit(aten.linear.default, (x, p)), -1, [k, d]))
+        # [..., k, d] through the output matrix (stored [vocab, d], or [d, vocab] for Conv1D-style addmm)
+        w = ctx.emit(aten.t.default, (info.weight,)) if not info.transposed else info.weight
+        y = ctx.emit(aten.matmul.default, (z, w))
+        return ctx.emit(aten.flatten.using_ints, (y, -2, -1))
 
     def ensures(self, gm: fx.GraphModule) -> None:
         self.ctx.assert_originals_untouched()
