@@ -33,6 +33,7 @@ class Role:
     unit: int = 1  # contiguous output elements that form one unit (a head, for kind == "heads")
     inner: int = 0  # in_features of the linear that reads this output (kind == "ffn")
     operands: frozenset = frozenset()  # attention operands it feeds: "query", "key", "value"
+    group_heads: int = 0  # fewest heads among the operands it feeds (the KV heads of a fused GQA qkv)
 
     @property
     def key_only(self) -> bool:
@@ -101,7 +102,6 @@ class Analysis:
         """(heads, unit) if this view splits the last axis of `src` into [heads, unit...], else None."""
         in_sh, out_sh = shape(src), shape(view)
         for gi, gj in reshape_groups(in_sh, out_sh):
-            gj = [j for j in gj if concrete_size(out_sh[j]) != 1]  # a unit axis ([b*1, d] -> [b, 1, d]) splits nothing
             static = all(concrete_size(out_sh[j]) is not None for j in gj)  # heads never depend on the sequence
             if len(in_sh) - 1 in gi and len(gj) >= 2 and static:
                 return concrete_size(out_sh[gj[0]]), product([out_sh[j] for j in gj[1:]])
@@ -124,14 +124,17 @@ class Analysis:
                     continue
                 info = self.linears.get(u)
                 if info is not None and info.x is n:
-                    found.append(Role("heads", *split) if split else Role("ffn", inner=info.in_features))
+                    heads = split is not None and split[0] > 1  # a provisional one-head split is no head split
+                    found.append(Role("heads", *split) if heads else Role("ffn", inner=info.in_features))
                     continue
                 seen.add(u)
                 if name in ("add", "sub") and any(a in self.residual for a in u.all_input_nodes if a is not n):
                     return Role("residual")
-                if name in RESHAPE_OPS and split is None:
+                # A split into one "head" is provisional: in a one-token step, [b*1, d] -> [b, 1, d] looks like
+                # one head of width d; a later view that splits finer (smaller units) is the real one and wins.
+                if name in RESHAPE_OPS and (split is None or split[0] == 1):
                     hs = self._head_split(u, n)
-                    if hs is not None:
+                    if hs is not None and (split is None or numeric_shape([hs[1]])[0] < numeric_shape([split[1]])[0]):
                         todo.append((u, hs))
                         continue
                 if val(u) is not None or name in ("split", "split_with_sizes", "chunk", "unbind", "getitem"):
@@ -139,7 +142,11 @@ class Analysis:
         for kind in ("heads", "ffn", "none"):
             same = [r for r in found if r.kind == kind]
             if same:
-                return replace(same[0], operands=frozenset().union(*(r.operands for r in same)))
+                # A fused qkv output reaches query and key/value heads: it counts in query heads (the most),
+                # and keeps the fewest (its KV heads) so that extra_heads respects the grouping.
+                first = max(same, key=lambda r: r.heads)
+                return replace(first, operands=frozenset().union(*(r.operands for r in same)),
+                               group_heads=min(r.heads for r in same))
         return Role("none")
 
     def _operand(self, attention: fx.Node, src: fx.Node) -> str:
@@ -185,8 +192,9 @@ class Analysis:
         n_q, step = self.query_heads(), 1
         for r in self.roles.values():
             if r.kind == "heads":
-                need = n_q // gcd(n_q, r.heads)
-                step = step * need // gcd(step, need)
+                for heads in {r.heads, r.group_heads or r.heads}:
+                    need = n_q // gcd(n_q, heads)
+                    step = step * need // gcd(step, need)
         return step
 
     def extra_heads(self, spec: InsertSpec) -> int:
@@ -215,13 +223,18 @@ class Analysis:
         """Companion width of every linear's output, from the spec and the linear's role."""
         n_q = self.query_heads()
         extra_heads = self.extra_heads(spec)
+        step = self.heads_step()
         out: dict[fx.Node, Width] = {}
         for node, r in self.roles.items():
             o = self.linears[node].out_features
             if r.kind == "residual":
                 out[node] = Width(spec.extra_dim, "residual", 1)
             elif r.kind == "heads":
-                out[node] = Width(int(Fraction(o * extra_heads, n_q)), "heads", r.unit)
+                # Query heads are inserted (and copied) in whole groups of the heads that share a KV head: a
+                # step that packs a one-token query onto the KV heads ([b, n_q, 1, d] -> [b, n_kv, n_q/n_kv, d])
+                # then keeps each inserted group on the KV axis, beside its own inserted KV head.
+                group = step if r.operands == {"query"} and r.heads % step == 0 else 1
+                out[node] = Width(int(Fraction(o * extra_heads, n_q)), "heads", r.unit * group)
             elif r.kind == "ffn":
                 size = Fraction(o * spec.extra_ffn, r.inner)
                 if size.denominator != 1:

@@ -243,13 +243,21 @@ def reshape(ctx: Context, node: fx.Node) -> Comp | None:
         if product([in_sh[a] for a in before]) != 1:
             _fail(node, "the inserted axis is not the leading axis of the merged group; "
                         "merging would interleave inserted and original dims")
-        # Concatenating along the first axis of a row-major group = concatenating the flattened group. Unit
-        # axes in front of it (a one-token decode step's [b*1, d] -> [b, 1, d]) hold nothing to concatenate,
-        # so the inserted dims go on the group's first axis of size > 1.
-        t = next((a for a in gj if numeric_shape([out_sh[a]])[0] != 1), gj[0])
-        after = gj[gj.index(t) + 1:]
+        # Concatenating along the first axis of a row-major group = concatenating the flattened group; so does
+        # concatenating along any axis in front of which the group has only unit axes. Which one carries the
+        # inserted dims: the axis whose every index is one copyable unit (the heads axis of [.., n, head_dim]
+        # even for one head, as multi-query KV has; the KV axis of a packed GQA query), else the first axis of
+        # size > 1 (a one-token step's [b*1, d] -> [b, 1, d] keeps them on d, not on the unit sequence axis).
         flat = Fraction(product([in_sh[a] for a in gi]) * c.size, numeric_shape([in_sh[c.axis]])[0])
-        new_size = frac_int(flat / product([out_sh[a] for a in after]))
+        trailing = {a: product([out_sh[x] for x in gj[gj.index(a) + 1:]]) for a in gj}
+        ones_before = [a for a in gj if all(numeric_shape([out_sh[x]])[0] == 1 for x in gj[:gj.index(a)])]
+        order = ([a for a in ones_before if trailing[a] == c.unit]
+                 + [a for a in ones_before if numeric_shape([out_sh[a]])[0] != 1] + [gj[0]])
+        for t in order:
+            after = gj[gj.index(t) + 1:]
+            new_size = frac_int(flat / trailing[t])
+            if new_size is not None:
+                break
         if new_size is None:
             _fail(node, f"{c.size} inserted dims do not fill whole units of the reshaped axis {t}")
         target = list(node.args[1])
