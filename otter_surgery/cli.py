@@ -62,7 +62,8 @@ def support(args: argparse.Namespace) -> int:
     print(markdown(rows))
     s = summary(rows)
     print(f"\n{s['bit_identical_fp32']} of {s['families']} causal-LM families bit-identical in fp32, "
-          f"{s['bit_identical_bf16']} in bf16 ({s['captured']} captured, {s['inserted']} inserted)")
+          f"{s['bit_identical_bf16']} in bf16 ({s['captured']} captured, {s['inserted']} inserted); "
+          f"{s['decodes']} decode with transformers' own greedy tokens")
     if args.json:
         with open(args.json, "w") as f:
             f.write(rows_to_json(rows))

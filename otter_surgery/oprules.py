@@ -73,6 +73,7 @@ class Context(Protocol):
     def linear_params(self, node: fx.Node, info: LinearInfo, comp_in: Comp) -> tuple[fx.Node, fx.Node | None, "Comp"] | None: ...
     def record_block(self, node: fx.Node, inserted: fx.Node, x_cat: fx.Node) -> None: ...
     def cache_companion(self, past: fx.Node, like: Comp) -> fx.Node: ...
+    def widened(self, x: fx.Node, x_e: fx.Node) -> fx.Node: ...
 
 
 RULES: dict[str, Callable[[Context, fx.Node], Comp | None]] = {}
@@ -516,7 +517,7 @@ def linear(ctx: Context, node: fx.Node) -> Comp | None:
     if made is None:
         return None  # the output dim is not widened (lm_head, or a zero-width spec field)
     w_e, b_e, out = made
-    x_cat = ctx.emit(aten.cat.default, ([info.x, c.node], -1))
+    x_cat = ctx.widened(info.x, c.node)
     name = op_name(node)
     if name == "linear":
         y = ctx.emit(aten.linear.default, (x_cat, w_e, b_e))

@@ -44,6 +44,7 @@ class Rewrite:
         self._slices: dict[tuple, fx.Node] = {}
         self.signal_nodes: dict[str, fx.Node] = {}
         self.blocks: list[tuple[fx.Node, fx.Node, fx.Node]] = []  # (original linear, inserted linear, [x ; x_e])
+        self._widened: dict[tuple[fx.Node, fx.Node], fx.Node] = {}
         self.cache_inputs: dict[fx.Node, Comp] = {}  # a past key/value input -> its inserted companion input
 
     # -- nodes ---------------------------------------------------------------------------------------------
@@ -66,6 +67,14 @@ class Rewrite:
         self.param_names[attr] = name
         with self.graph.inserting_before(self.cursor):
             return self.graph.get_attr(f"otter.{attr}")
+
+    def widened(self, x: fx.Node, x_e: fx.Node) -> fx.Node:
+        """[x ; x_e] along the last axis, made once per input: q/k/v (and gate/up) read the same norm output,
+        so their inserted GEMMs share one concatenation instead of one each (fewer ops per decode step)."""
+        key = (x, x_e)
+        if key not in self._widened:
+            self._widened[key] = self.emit(torch.ops.aten.cat.default, ([x, x_e], -1))
+        return self._widened[key]
 
     def cache_companion(self, past: fx.Node, like: Comp) -> fx.Node:
         """The inserted heads' past keys/values: a new graph input beside the original cache input `past`,

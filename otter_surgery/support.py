@@ -1,5 +1,6 @@
 """`otter-surgery support`: which causal-LM families of the installed transformers go through insert(),
-checked live on tiny random configs (captured / inserted / bit-identical fp32 / bf16)."""
+checked live on tiny random configs (captured / inserted / bit-identical fp32 / bf16 / decodes: otter.generate
+gives transformers' own greedy tokens, padded and unpadded batches, fp32)."""
 from __future__ import annotations
 
 import json
@@ -37,7 +38,9 @@ class SupportRow:
     inserted: bool = False
     fp32: bool = False
     bf16: bool = False
+    decodes: bool = False
     note: str = ""
+    decode_note: str = ""
 
 
 def check_family(arch: str) -> SupportRow:
@@ -73,10 +76,30 @@ def check_family(arch: str) -> SupportRow:
             with torch.no_grad():
                 got = omodel(**batch).logits
             setattr(row, "fp32" if dtype == torch.float32 else "bf16", bits_equal(got, reference_logits(model, batch)))
+            if dtype == torch.float32:
+                row.decodes, row.decode_note = check_decoding(model, omodel, ids, mask)
         except Exception as exc:
             row.note = f"{type(exc).__name__}: {str(exc)[:160]}"
             break
     return row
+
+
+def check_decoding(model, omodel, ids, mask) -> tuple[bool, str]:
+    """otter.generate == model.generate(do_sample=False) on a padded and an unpadded batch, 5 new tokens."""
+    import torch
+
+    import otter_surgery as otter
+
+    try:
+        for m in (mask, torch.ones_like(mask)):
+            got = otter.generate(omodel, ids, attention_mask=m, max_new_tokens=5).sequences
+            with torch.no_grad():
+                want = model.generate(input_ids=ids, attention_mask=m, max_new_tokens=5, do_sample=False)
+            if not torch.equal(got, want):
+                return False, f"greedy tokens differ from transformers' generate ({'padded' if not bool(m.all()) else 'unpadded'})"
+    except Exception as exc:
+        return False, f"{type(exc).__name__}: {str(exc)[:160]}"
+    return True, ""
 
 
 def _run_isolated(arch: str, timeout: float) -> SupportRow:
@@ -106,17 +129,19 @@ def support_table(archs: list[str] | None = None, jobs: int = 2, timeout: float 
 
 def markdown(rows: list[SupportRow]) -> str:
     yes = {True: "yes", False: "no"}
-    lines = ["| family | captured | inserted | bit-identical fp32 | bit-identical bf16 | note |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| family | captured | inserted | bit-identical fp32 | bit-identical bf16 | decodes (= generate) | note |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
-        note = r.note.replace("|", "/").replace("\n", " ")
-        lines.append(f"| {r.arch} | {yes[r.captured]} | {yes[r.inserted]} | {yes[r.fp32]} | {yes[r.bf16]} | {note} |")
+        note = (r.note or r.decode_note).replace("|", "/").replace("\n", " ")
+        lines.append(f"| {r.arch} | {yes[r.captured]} | {yes[r.inserted]} | {yes[r.fp32]} | {yes[r.bf16]} | "
+                     f"{yes[r.decodes]} | {note} |")
     return "\n".join(lines)
 
 
 def summary(rows: list[SupportRow]) -> dict:
     return {"families": len(rows), "captured": sum(r.captured for r in rows), "inserted": sum(r.inserted for r in rows),
-            "bit_identical_fp32": sum(r.fp32 for r in rows), "bit_identical_bf16": sum(r.bf16 for r in rows)}
+            "bit_identical_fp32": sum(r.fp32 for r in rows), "bit_identical_bf16": sum(r.bf16 for r in rows),
+            "decodes": sum(r.decodes for r in rows)}
 
 
 def rows_to_json(rows: list[SupportRow]) -> str:
