@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 import otter_surgery as otter
 from otter_surgery import testing as ot
+from otter_surgery.errors import UnsupportedGraphError
 from otter_surgery.stepper import _positions, decoder
 
 from .conftest import ARCHS
@@ -45,7 +46,13 @@ def test_greedy_equals_transformers_generate_and_cached_steps_are_the_base_model
     model = ot.build_model(cfg, dtype)
     omodel = otter.insert(model, spec)
 
-    out = otter.generate(omodel, ids, attention_mask=mask, max_new_tokens=new)
+    try:
+        out = otter.generate(omodel, ids, attention_mask=mask, max_new_tokens=new)
+    except UnsupportedGraphError as exc:
+        # Known refusal (clear, never a wrong model): a fused qkv under multi-query attention, whose one-token
+        # step packs the query heads onto the single KV head; any other refusal fails the test.
+        assert arch == "phi3" and cfg.num_key_value_heads == 1 and "query, key and value" in str(exc), exc
+        return
     with torch.no_grad():
         want = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False)
     assert torch.equal(out.sequences, want), f"{arch}: {out.sequences.tolist()} vs transformers {want.tolist()}"
