@@ -38,3 +38,21 @@ def test_smollm2_chat_bit_identical(smollm2):
         assert out.calibration.shape == want.shape
     report = otter.verify(model, omodel, max_examples=12, max_seq=24)
     assert report.examples == 12
+
+
+def test_smollm2_generate_is_transformers_greedy(smollm2):
+    """Decoding a real chat with one Otter model: the same tokens as transformers' own greedy generate,
+    for a left-padded batch and for a single unpadded prompt (each kernel path of the step)."""
+    model, tok = smollm2
+    omodel = otter.insert(model, otter.InsertSpec(extra_dim=32, extra_ffn=64))  # default: one KV group (3 heads)
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    chats = [[{"role": "user", "content": "Name three rivers in Europe."}], [{"role": "user", "content": "hi"}]]
+    texts = [tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in chats]
+    for batch in (tok(texts, return_tensors="pt", padding=True), tok(texts[:1], return_tensors="pt")):
+        out = otter.generate(omodel, batch["input_ids"], attention_mask=batch["attention_mask"], max_new_tokens=24)
+        with torch.no_grad():
+            want = model.generate(**batch, max_new_tokens=24, do_sample=False)
+        assert torch.equal(out.sequences, want)
+        assert out.rewards.shape == (batch["input_ids"].shape[0], out.sequences.shape[1] - batch["input_ids"].shape[1])
