@@ -30,6 +30,11 @@ def insert(model: nn.Module, spec: InsertSpec | None = None) -> OtterModel:
     Raises SpecError (a ValueError naming the field) for a spec that does not fit the model, and
     UnsupportedGraphError (naming the node and module) for a graph pattern the analysis cannot widen.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"otter.insert expects a torch.nn.Module (e.g. AutoModelForCausalLM.from_pretrained(...)), "
+                        f"got {type(model).__name__}")
+    if spec is not None and not isinstance(spec, InsertSpec):
+        raise TypeError(f"otter.insert expects an otter.InsertSpec as spec, got {type(spec).__name__}")
     spec = spec or InsertSpec()
     captured = capture(model)
     gm = captured.graph_module

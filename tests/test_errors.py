@@ -148,3 +148,10 @@ def test_a_pass_that_changes_an_original_node_is_caught(tiny_llama, monkeypatch)
     assert f"original node '{changed[0]}'" in str(err.value)
     monkeypatch.undo()  # the same insert with the real rule is fine
     assert otter.insert(tiny_llama, otter.InsertSpec(extra_dim=4, extra_heads=3, extra_ffn=4)).inserted_parameters()
+
+
+def test_insert_names_a_wrong_argument_type(tiny_llama):
+    with pytest.raises(TypeError, match="torch.nn.Module.*got str"):
+        otter.insert("not a model")
+    with pytest.raises(TypeError, match="InsertSpec.*got dict"):
+        otter.insert(tiny_llama, {"extra_dim": 4})
