@@ -1,8 +1,9 @@
 """otter_surgery: Otter (non-disruptive parameter insertion, arXiv 2408.10764) for any decoder LLM.
 
-    omodel = otter.insert(model, otter.InsertSpec(extra_dim=64, extra_heads=1, extra_ffn=128))
+    omodel = otter.insert(model, otter.InsertSpec(extra_dim=64, extra_ffn=128))   # one inserted KV group of heads
     out = omodel(input_ids=ids, attention_mask=mask)   # out.logits == model(...).logits, out.reward
     otter.verify(model, omodel)
+    gen = otter.generate(omodel, ids, attention_mask=mask, guide=otter.RewardGuided(weight=1.5, top_k=10))
 """
 from .adapter import AdapterError, load, save
 from .deploy import MergeReport, compile, fuse, load_merged, merge
@@ -20,3 +21,7 @@ __all__ = [
     "OtterError", "SpecError", "UnsupportedGraphError", "CaptureError", "VerificationError",
 ]
 __version__ = "0.1.0"
+
+import logging as _logging
+
+_logging.getLogger("otter_surgery").addHandler(_logging.NullHandler())  # a library logs; the application decides

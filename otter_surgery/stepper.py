@@ -50,10 +50,6 @@ class DecodeState:
                            {i: t[index] for i, t in self.inserted.items()},
                            None if self.tokens is None else self.tokens[index])
 
-    @property
-    def length(self) -> int:
-        return self.mask.shape[1]
-
     def cache_bytes(self) -> tuple[int, int]:
         """(base cache bytes, inserted cache bytes)."""
         size = lambda ts: sum(t.numel() * t.element_size() for t in ts)  # noqa: E731
