@@ -98,8 +98,10 @@ class _Chooser:
         if top_p is not None and not 0.0 < top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {top_p}")
         self.do_sample, self.temperature, self.top_p = do_sample, temperature, top_p
-        self.generator = torch.Generator(device=device)
-        self.generator.manual_seed(seed if seed is not None else torch.seed())
+        self.generator = None  # without a seed, sampling draws from torch's global RNG, as transformers does
+        if do_sample and seed is not None:
+            self.generator = torch.Generator(device=device)
+            self.generator.manual_seed(seed)
 
     def __call__(self, scores: torch.Tensor) -> torch.Tensor:
         if not self.do_sample:
