@@ -17,7 +17,8 @@ def test_copy_init_copies_original_rows(tiny_llama):
     q = tiny_llama.model.layers[0].self_attn.q_proj.weight
     q_e = params["model.layers.0.self_attn.q_proj.weight.inserted"]
     assert q_e.shape == (3 * 8, 24 + 4)
-    rows = spread_index(48, 24, 8)
+    # Query heads are copied in whole KV groups (3 query heads share a KV head here: 3 x 8 rows per unit).
+    rows = spread_index(48, 24, 24)
     assert torch.equal(q_e[:, :24], q[rows])  # A block: the copied heads' rows
     assert torch.equal(q_e[:, 24:], q[rows][:, spread_index(24, 4)])  # B block: the copied input columns
     up = tiny_llama.model.layers[1].mlp.up_proj.weight
