@@ -122,7 +122,9 @@ def write_dir_atomically(directory: str | os.PathLike, write) -> Path:
 
 def save(omodel: OtterModel, directory: str | os.PathLike) -> Path:
     """Write the inserted parameters (safetensors), the spec and the base fingerprint (JSON)."""
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in omodel.inserted_parameters().items()}
+    # clone: a decoder's merged GEMMs make inserted parameters views of one tensor; safetensors wants owners
+    tensors = {k: v.detach().to("cpu").clone(memory_format=torch.contiguous_format)
+               for k, v in omodel.inserted_parameters().items()}
 
     def write(tmp: Path) -> None:
         save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt", "otter": FORMAT})

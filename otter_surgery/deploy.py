@@ -233,11 +233,14 @@ def load_merged(directory: str | os.PathLike, device: str | torch.device = "cpu"
 
 def compile(omodel: OtterModel, **kwargs) -> OtterModel:  # noqa: A001 - mirrors torch.compile
     """torch.compile the rewritten graph (dynamic shapes by default). Compare compiled Otter with the
-    compiled original graph: both go through inductor, so their logits match bit for bit (DESIGN §2)."""
+    compiled original graph: both go through inductor, so their logits match bit for bit (DESIGN §2).
+    otter.generate on the result compiles each decode-step graph on first use (tens of seconds each) and checks
+    it against the base model's step compiled the same way: greedy tokens are those of the compiled base."""
     kwargs.setdefault("dynamic", True)
     compiled = torch.compile(omodel.graph_module, **kwargs)
     out = OtterModel(omodel.graph_module, omodel.spec, omodel.outputs, omodel.takes_mask, dict(omodel.param_names),
                      omodel.base_class, omodel.base_model_type, list(omodel.blocks), omodel.base_config, omodel.form,
                      base_model=omodel.base_model)
     out.__dict__["_runner"] = compiled  # not a submodule: parameters stay those of graph_module
+    out.__dict__["_compile_kwargs"] = dict(kwargs)  # otter.generate compiles its decode steps the same way
     return out

@@ -18,6 +18,7 @@ import torch.fx as fx
 from .capture import _eval_mode, capture_step
 from .errors import CaptureError, OtterError
 from .model import OtterModel
+from .passes.merge_side_gemms import GemmStore, merge_side_gemms
 from .verify import bits_equal
 
 
@@ -64,13 +65,15 @@ def _positions(mask: torch.Tensor) -> torch.Tensor:
 class _StepGraph:
     """One captured, rewritten variant of the step, sharing the full graph's inserted parameters."""
 
-    def __init__(self, omodel: OtterModel, kind: str, masked: bool):
+    def __init__(self, omodel: OtterModel, kind: str, masked: bool, store: GemmStore):
         from .insert import rewrite
 
         captured = capture_step(omodel.base_model, kind=kind, masked=masked)
         self.gm = captured.graph_module
         ctx = rewrite(self.gm, omodel.spec, freeze=False)
         _share_inserted(omodel, self.gm, ctx.param_names)
+        self.merged = merge_side_gemms(self.gm, store)
+        self.run = self.gm
         self.reference = captured.reference
         self.cache_shapes, self.dtype = captured.cache_shapes, captured.cache_dtype
         self.layout = list(self.gm.meta.get("otter_cache", []))
@@ -98,13 +101,24 @@ class CachedDecoder:
         self.signals = omodel.spec.signals
         self.device = next(iter(omodel.parameters())).device
         self.graphs: dict[tuple[str, bool], _StepGraph] = {}
+        self.gemms = GemmStore()
         self.graph("prefill", masked=True)  # capture problems surface at the first generate() call
 
     def graph(self, kind: str, masked: bool) -> _StepGraph:
         key = (kind, masked)
         if key not in self.graphs:
-            self.graphs[key] = _StepGraph(self.omodel, kind, masked)
-            self._probe(self.graphs[key], kind, masked)
+            g = _StepGraph(self.omodel, kind, masked, self.gemms)
+            compile_kwargs = self.omodel.__dict__.get("_compile_kwargs")
+            if compile_kwargs is None:
+                self._probe(g, g.gm, g.reference, kind, masked)
+            else:
+                # Compiled steps are checked against the base model's step compiled the same way: inductor's
+                # kernels are not eager's, but the original nodes must still give the same bits as the base.
+                g.run = torch.compile(g.gm, **compile_kwargs)
+                base_step = torch.compile(capture_step(self.omodel.base_model, kind=kind, masked=masked).graph_module,
+                                          **compile_kwargs)
+                self._probe(g, g.run, lambda ids, mask, pos, past: base_step(ids, mask, pos, *past), kind, masked)
+            self.graphs[key] = g
         return self.graphs[key]
 
     # -- running ------------------------------------------------------------------------------------------
@@ -112,7 +126,7 @@ class CachedDecoder:
         kind = "prefill" if state.cache[0].shape[2] == 0 else "one" if tokens.shape[1] == 1 else "several"
         g = self.graph(kind, masked=not bool(state.mask.all()))
         inserted = [state.inserted[i] for i in g.inserted_order]
-        values = g.gm(tokens, state.mask, positions, *state.cache, *inserted)
+        values = g.run(tokens, state.mask, positions, *state.cache, *inserted)
         n_sig, n_cache = len(self.signals), len(state.cache)
         out = StepOutput(values[0], dict(zip(self.signals, values[1:1 + n_sig])))
         cache = list(values[1 + n_sig:1 + n_sig + n_cache])
@@ -133,6 +147,8 @@ class CachedDecoder:
     @torch.no_grad()
     def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[StepOutput, DecodeState]:
         """Prefill: the prompt in one call, from an empty cache."""
+        for g in self.graphs.values():  # re-merge inserted GEMMs whose parameters were given new data
+            self.gemms.bind(g.gm, g.merged)
         return self._run(input_ids, self.empty_state(attention_mask), _positions(attention_mask))
 
     @torch.no_grad()
@@ -155,8 +171,9 @@ class CachedDecoder:
                 reference.masked = True
         return logits, new
 
-    def _probe(self, g: _StepGraph, kind: str, masked: bool) -> None:
-        """Run the new variant once: its base logits must be the base model's own cached step, bit for bit."""
+    def _probe(self, g: _StepGraph, run, want_step, kind: str, masked: bool) -> None:
+        """Run the new variant once (`run`): its base logits must be `want_step`'s (the base model's own cached
+        step), bit for bit."""
         ids = torch.arange(12, device=self.device).reshape(2, 6) % 7 + 3
         mask = torch.ones_like(ids)
         if masked:
@@ -172,14 +189,14 @@ class CachedDecoder:
                 positions = _positions(mask)[:, -n:]
             else:
                 positions = _positions(mask)
-            want, *_ = g.reference(ids, mask, positions, past)
+            want, *_ = want_step(ids, mask, positions, past)
             inserted = []
             for i in g.inserted_order:
                 axis, size = next((a, s) for j, a, s in g.layout if j == i)
                 shape = list(past[i].shape)
                 shape[axis] = size
                 inserted.append(past[i].new_zeros(shape))
-            got = g.gm(ids, mask, positions, *past, *inserted)[0]
+            got = run(ids, mask, positions, *past, *inserted)[0]
         if not bits_equal(got, want):
             raise OtterError("internal error: the rewritten decode step's logits differ from the base model's "
                              f"cached step ({kind} step, "

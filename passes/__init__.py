@@ -4,12 +4,14 @@
 2. PropagateCompanions   - carry e through every op (norms, heads, o-proj, FFN) by the per-op rules.
 3. SignalHeads           - read the final [h ; e] into the reward / calibration heads; add them as outputs.
 4. ExposeCache           - (decode-step graphs) return the inserted heads' KV cache beside the original one.
+5. DropIdentityCasts     - drop the companions of casts that convert nothing (fewer ops per decode step).
 """
+from .drop_identity_casts import DropIdentityCasts
 from .expose_cache import ExposeCache
 from .propagate_companions import PropagateCompanions
 from .seed_residual import SeedResidual
 from .signal_heads import SignalHeads
 
-__all__ = ["SeedResidual", "PropagateCompanions", "SignalHeads", "ExposeCache", "PIPELINE"]
+__all__ = ["SeedResidual", "PropagateCompanions", "SignalHeads", "ExposeCache", "DropIdentityCasts", "PIPELINE"]
 
-PIPELINE = (SeedResidual, PropagateCompanions, SignalHeads, ExposeCache)
+PIPELINE = (SeedResidual, PropagateCompanions, SignalHeads, ExposeCache, DropIdentityCasts)

@@ -1,0 +1,68 @@
+"""The decode step's side-car is lean and stays in sync with training (passes/drop_identity_casts.py,
+passes/merge_side_gemms.py): fewer ops, no extra memory, and the merged GEMMs always read the current
+inserted parameters (after an optimizer step, a reassignment of a parameter's data, or a save)."""
+import torch
+
+import otter_surgery as otter
+from otter_surgery.stepper import decoder
+
+aten = torch.ops.aten
+SPEC = otter.InsertSpec(extra_dim=8, extra_heads=3, extra_ffn=8, signal="reward")
+
+
+def _batch():
+    ids = torch.randint(3, 61, (2, 7), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    return ids, mask
+
+
+def _inserted_linears(gm):
+    return [n for n in gm.graph.nodes if n.target is aten.linear.default
+            and any(str(a.target).startswith(("otter.", "otter_merged.")) for a in n.args[1:2])]
+
+
+def test_step_graph_merges_side_gemms_and_drops_identity_casts(tiny_llama):
+    omodel = otter.insert(tiny_llama, SPEC)
+    ids, mask = _batch()
+    otter.generate(omodel, ids, attention_mask=mask, max_new_tokens=2)
+    gm = decoder(omodel).graph("one", True).gm
+    inputs = [n.args[0] for n in _inserted_linears(gm)]
+    assert len(inputs) == len(set(inputs)), "two inserted GEMMs still read the same input"
+    # per block: q/k/v -> one GEMM, o, gate/up -> one GEMM, down: 4 inserted GEMMs (2 blocks) + the reward head
+    assert len(inputs) == 2 * 4 + 1
+    casts = [n for n in gm.graph.nodes if n.target is aten.to.dtype and n.args[0].meta.get("val") is None]
+    assert not casts, f"inserted identity casts left: {[n.name for n in casts]}"
+    # no memory added: each inserted q/k/v weight is a view of its merged tensor
+    merged = [t for _, t in gm.otter_merged.named_buffers()]
+    params = omodel.inserted_parameters()
+    q = params["model.layers.0.self_attn.q_proj.weight.inserted"]
+    assert any(q.untyped_storage().data_ptr() == t.untyped_storage().data_ptr() for t in merged)
+
+
+def test_merged_gemms_follow_training_and_reassignment(tiny_llama, tmp_path):
+    omodel = otter.insert(tiny_llama, SPEC)
+    ids, mask = _batch()
+    grown = torch.cat([mask, torch.ones(2, 3, dtype=mask.dtype)], 1)
+
+    def decode_and_check(label):
+        out = otter.generate(omodel, ids, attention_mask=mask, max_new_tokens=3)
+        with torch.no_grad():
+            full = omodel(input_ids=out.sequences, attention_mask=grown)
+        torch.testing.assert_close(out.rewards, full.reward[:, ids.shape[1]:], msg=label)
+        return out.rewards
+
+    first = decode_and_check("fresh")
+    params = omodel.inserted_parameters()
+    opt = torch.optim.SGD(list(params.values()), lr=0.05)
+    omodel(input_ids=ids, attention_mask=mask).reward.mean().backward()
+    opt.step()  # in place: the merged tensors see it
+    second = decode_and_check("after an optimizer step")
+    name = "model.layers.1.mlp.up_proj.weight.inserted"
+    params[name].data = params[name].data * 2 + 0.1  # new data: the next generate re-merges
+    third = decode_and_check("after reassigning a parameter's data")
+    assert not torch.allclose(first, second) and not torch.allclose(second, third)
+    otter.save(omodel, tmp_path / "adapter")  # views of one tensor are saved as separate tensors
+    loaded = otter.load(tiny_llama, tmp_path / "adapter")
+    for k, v in loaded.inserted_parameters().items():
+        assert torch.equal(v, params[k]), k
