@@ -16,6 +16,8 @@ Otter token / cal   RewardGuided(head="token") and Calibrated: the vocab head of
                     in one batched step, reordering its cache to the winner (ARGS' released code)
 (c) GenARM separate a separate token-level reward model: one extra cached forward per token
 (d) DExperts        expert and anti-expert models beside the base: two extra cached forwards per token
+--compiled          also: otter.compile'd decoding (greedy, Calibrated) vs the base's own decode-step graphs
+                    compiled the same way ("(e) greedy, compiled"); compiled rows are compared with that row
 
 The separate models are copies of SmolLM2-135M (+ a value head for (a)/(b)): the paper's setting, a calibration
 model of the base model's size. Weights of the inserted and separate heads are untrained: this measures cost.
@@ -36,7 +38,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(__file__))
 import otter_surgery as otter  # noqa: E402
-from otter_surgery.capture import _cache_from  # noqa: E402
+from otter_surgery.capture import _cache_from, capture_step  # noqa: E402
 from otter_surgery.real_model import load_smollm2  # noqa: E402
 from sentiment_data import read_sentences  # noqa: E402
 
@@ -91,6 +93,63 @@ class Cached:
 
     def cache_bytes(self) -> int:
         return nbytes(t for layer in self.cache.layers for t in (layer.keys, layer.values))
+
+
+class CompiledSteps:
+    """The base model's decode-step graphs (the graphs Otter rewrites), torch.compiled: the fair baseline for
+    otter.compile'd decoding (both without Python per-op overhead). One per (prefill/one, padded or not)."""
+
+    def __init__(self, base):
+        self.base, self.steps = base, {}
+        self.shapes = capture_step(base, kind="prefill", masked=True).cache_shapes  # (kv heads, head dim) per past
+
+    def __call__(self, kind, ids, mask, pos, past):
+        key = (kind, not bool(mask.all()))
+        if key not in self.steps:
+            gm = capture_step(self.base, kind=kind, masked=key[1]).graph_module
+            self.steps[key] = torch.compile(gm, dynamic=True)
+        with torch.no_grad():
+            logits, *past = self.steps[key](ids, mask, pos, *past)
+        return logits[:, -1].float(), past
+
+
+def compiled_greedy(steps, ids, mask, new):
+    past = [torch.zeros(ids.shape[0], h, 0, d) for h, d in steps.shapes]
+    pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    logits, past = steps("prefill", ids, mask, pos, past)
+    out = []
+    for _ in range(new):
+        tok = logits.argmax(-1, keepdim=True)
+        out.append(tok)
+        mask, pos = torch.cat([mask, torch.ones_like(tok)], 1), pos[:, -1:] + 1
+        logits, past = steps("one", tok, mask, pos, past)
+    return torch.cat(out, 1), nbytes(past)
+
+
+def ops_per_block(base, spec) -> dict:
+    """aten ops in the one-token decode step, per block: the base's, Otter's as first rewritten, and Otter's
+    as decoded (identity casts dropped, inserted GEMMs merged)."""
+    from otter_surgery import passes
+    from otter_surgery.insert import rewrite
+    from otter_surgery.passes.merge_side_gemms import GemmStore, merge_side_gemms
+
+    def count(gm):
+        return sum(n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload) for n in gm.graph.nodes)
+
+    layers = base.config.num_hidden_layers
+    plain = count(capture_step(base, kind="one", masked=False).graph_module)
+    before = capture_step(base, kind="one", masked=False).graph_module
+    full_pipeline = passes.PIPELINE
+    passes.PIPELINE = tuple(p for p in full_pipeline if p is not passes.DropIdentityCasts)
+    try:
+        rewrite(before, spec, freeze=False)
+    finally:
+        passes.PIPELINE = full_pipeline
+    after = capture_step(base, kind="one", masked=False).graph_module
+    rewrite(after, spec, freeze=False)
+    merge_side_gemms(after, GemmStore())
+    return {"base": plain / layers, "otter_added_before": (count(before) - plain) / layers,
+            "otter_added_after": (count(after) - plain) / layers}
 
 
 def greedy(base, ids, mask, new):
@@ -178,6 +237,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--skip-rescoring", action="store_true", help="leave out (a), the slowest baseline")
+    parser.add_argument("--compiled", action="store_true",
+                        help="also time otter.compile'd decoding against the base's compiled decode steps")
     parser.add_argument("--out", default="decoding.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -211,15 +272,23 @@ def main() -> None:
     }
     if args.skip_rescoring:
         del methods["(a) RM rescoring"]
+    if args.compiled:
+        steps = CompiledSteps(base)
+        compiled_r, compiled_t = otter.compile(omodel_r), otter.compile(omodel_t)
+        methods["(e) greedy, compiled"] = (lambda i, m: compiled_greedy(steps, i, m, args.new), 0)
+        methods["Otter greedy, compiled"] = (lambda i, m: otter_run(compiled_r, i, m, args.new, None),
+                                             params["otter_reward"])
+        methods["Otter Calibrated, compiled"] = (lambda i, m: otter_run(compiled_t, i, m, args.new, otter.Calibrated(alpha)),
+                                                 params["otter_token"])
     results = []
     for batch in args.batches:
         ids, mask = prompts(tok, batch)
         check = greedy(base, ids, mask, args.new)[0]
         for name, (fn, _) in methods.items():  # warm-up (and capture of the step graphs), outside the timing
-            if name.startswith("Otter") or name == "(e) greedy":
+            if name.startswith(("Otter", "(e)")):
                 fn(ids, mask)
         times = {name: [] for name in methods}
-        cache = {}
+        cache, cache_tokens = {}, {}
         for _ in range(args.repeats):
             for name, (fn, _) in methods.items():
                 t0 = time.perf_counter()
@@ -227,13 +296,18 @@ def main() -> None:
                 times[name].append(time.perf_counter() - t0)
                 if name == "Otter greedy":
                     assert torch.equal(tokens, check), "Otter greedy tokens differ from the base model's"
-        base_ms = 1000 * statistics.median(times["(e) greedy"]) / args.new
+                if name == "Otter greedy, compiled":
+                    assert torch.equal(tokens, cache_tokens["(e) greedy, compiled"]), "compiled Otter greedy differs"
+                cache_tokens[name] = tokens
         for name, (_, extra_params) in methods.items():
+            ref = "(e) greedy, compiled" if name.endswith("compiled") else "(e) greedy"  # like with like
+            base_ms = 1000 * statistics.median(times[ref]) / args.new
             ms = 1000 * statistics.median(times[name]) / args.new
             results.append({
                 "batch": batch, "method": name, "ms_per_token": ms, "extra_ms_per_token": ms - base_ms,
-                "extra_param_bytes": extra_params, "extra_cache_bytes": cache[name] - cache["(e) greedy"],
-                "extra_bytes": extra_params + cache[name] - cache["(e) greedy"],
+                "x_greedy": ms / base_ms,
+                "extra_param_bytes": extra_params, "extra_cache_bytes": cache[name] - cache[ref],
+                "extra_bytes": extra_params + cache[name] - cache[ref],
                 "times_s": times[name],
             })
     table = []
@@ -247,16 +321,20 @@ def main() -> None:
             r["memory_pct_of"] = {o: 100 * r["extra_bytes"] / rows[o]["extra_bytes"] for o in otter_vs if o in rows}
             table.append(r)
     print(f"SmolLM2-135M fp32, {args.threads} threads, {args.new} new tokens, k={args.k}, medians of {args.repeats}")
-    print(f"{'batch':>5} {'method':<22}{'ms/tok':>9}{'extra ms':>10}{'extra MB':>10}  Otter extra time / memory as % of")
+    print(f"{'batch':>5} {'method':<27}{'ms/tok':>9}{'x greedy':>9}{'extra ms':>10}{'extra MB':>10}"
+          f"  Otter extra time / memory as % of")
     for r in table:
         pct = ", ".join(f"{o.split()[0]} {r['time_pct_of'][o]:.1f}% / {r['memory_pct_of'][o]:.1f}%" for o in r["time_pct_of"])
-        print(f"{r['batch']:>5} {r['method']:<22}{r['ms_per_token']:>9.1f}{r['extra_ms_per_token']:>10.1f}"
+        print(f"{r['batch']:>5} {r['method']:<27}{r['ms_per_token']:>9.1f}{r['x_greedy']:>9.3f}{r['extra_ms_per_token']:>10.1f}"
               f"{r['extra_bytes'] / 2**20:>10.1f}  {pct}")
+    ops = ops_per_block(base, SPEC_REWARD)
+    print(f"aten ops per block in the one-token step: base {ops['base']:.1f}; Otter adds {ops['otter_added_before']:.1f} "
+          f"as first rewritten, {ops['otter_added_after']:.1f} as decoded (identity casts dropped, GEMMs merged)")
     meta = {"machine": platform.processor() or platform.machine(), "threads": args.threads, "torch": torch.__version__,
             "date": time.strftime("%Y-%m-%d"), "new_tokens": args.new, "k": args.k, "repeats": args.repeats,
             "spec_reward": SPEC_REWARD.to_dict(), "spec_token": SPEC_TOKEN.to_dict(), "base_param_bytes": base_param_bytes}
     with open(args.out, "w") as f:
-        json.dump({"meta": meta, "results": table}, f, indent=1)
+        json.dump({"meta": meta, "results": table, "ops_per_block": ops}, f, indent=1)
     print(f"wrote {args.out}")
 
 

@@ -11,12 +11,13 @@ from .generate import Calibrated, GenerateOutput, RewardGuided, generate
 from .errors import CaptureError, OtterError, SpecError, UnsupportedGraphError, VerificationError
 from .insert import insert
 from .model import OtterModel, OtterOutput
+from .processor import GuideLogitsProcessor
 from .spec import InsertSpec
 from .train import TrainResult, evaluate, train
 from .verify import VerifyReport, verify
 
 __all__ = [
-    "insert", "verify", "generate", "RewardGuided", "Calibrated", "GenerateOutput", "train", "evaluate", "save", "load", "InsertSpec", "OtterModel", "OtterOutput",
+    "insert", "verify", "generate", "RewardGuided", "Calibrated", "GenerateOutput", "GuideLogitsProcessor", "train", "evaluate", "save", "load", "InsertSpec", "OtterModel", "OtterOutput",
     "VerifyReport", "TrainResult", "AdapterError", "merge", "load_merged", "fuse", "compile", "MergeReport",
     "OtterError", "SpecError", "UnsupportedGraphError", "CaptureError", "VerificationError",
 ]

@@ -163,6 +163,33 @@ def test_token_reward_and_calibrated_follow_their_scores(guided):
         assert torch.equal(out.sequences[:, ids.shape[1]:], _reference_choices(omodel, ids, mask, out.sequences, score)), guide
 
 
+@pytest.mark.parametrize("guide", [otter.RewardGuided(weight=40.0, top_k=4), otter.RewardGuided(weight=3.0, top_k=4, head="token"),
+                                   otter.Calibrated(alpha=2.0), otter.Calibrated(alpha=2.0, top_p=0.5)])
+def test_logits_processor_in_transformers_generate_gives_otter_generate_tokens(guided, guide):
+    """Users who keep transformers' own generate loop get the same guided tokens through the processor."""
+    model, omodel, ids, mask = guided
+    want = otter.generate(omodel, ids, attention_mask=mask, max_new_tokens=6, guide=guide).sequences
+    plain = otter.generate(omodel, ids, attention_mask=mask, max_new_tokens=6).sequences
+    proc = otter.GuideLogitsProcessor(omodel, guide, attention_mask=mask)
+    with torch.no_grad():
+        got = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, logits_processor=[proc])
+    assert torch.equal(got, want), guide
+    assert not torch.equal(want, plain), "the guide should change some token here, or the check proves nothing"
+    with torch.no_grad():  # the same processor object in a second call restarts from the new prompt
+        again = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, logits_processor=[proc])
+    assert torch.equal(again, want)
+
+
+def test_logits_processor_refuses_a_signal_the_model_lacks_and_a_wrong_mask(guided):
+    model, omodel, ids, mask = guided
+    reward_only = otter.insert(model, otter.InsertSpec(extra_dim=8, extra_heads=3, extra_ffn=8, signal="reward"))
+    with pytest.raises(ValueError, match="calibration"):
+        otter.GuideLogitsProcessor(reward_only, otter.Calibrated(alpha=1.0))
+    proc = otter.GuideLogitsProcessor(omodel, otter.Calibrated(alpha=1.0), attention_mask=mask[:2])
+    with pytest.raises(ValueError, match="attention_mask has shape"), torch.no_grad():
+        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2, do_sample=False, logits_processor=[proc])
+
+
 def test_sampling_is_seeded_and_a_tiny_nucleus_is_greedy(guided):
     model, omodel, ids, mask = guided
     a = otter.generate(omodel, ids, attention_mask=mask, max_new_tokens=10, do_sample=True, seed=7)
