@@ -67,6 +67,8 @@ def linear_info(gm: fx.GraphModule, node: fx.Node) -> LinearInfo | None:
 class Context(Protocol):
     gm: fx.GraphModule
     comps: dict[fx.Node, Comp]
+    shadows: dict[fx.Node, fx.Node]
+    spec: "InsertSpec"  # noqa: F821 - otter_surgery.spec, not imported here (rules stay below the spec)
 
     def emit(self, target, args, kwargs=None) -> fx.Node: ...
     def companion_param(self, attr: fx.Node, axis: int, size: int, unit: int) -> fx.Node: ...
@@ -170,6 +172,8 @@ def elementwise(ctx: Context, node: fx.Node) -> Comp | None:
             return a
         if a in ctx.comps:
             return ctx.comps[a].node
+        if a in ctx.shadows:  # a statistic of the original dims: its companions use the wide one
+            return ctx.shadows[a]
         a_ax = ax - (out_nd - ndim(a))
         if a_ax < 0 or numeric_shape([shape(a)[a_ax]])[0] == 1:
             return a  # broadcast along the inserted axis: shared as is
@@ -208,6 +212,8 @@ def reduction(ctx: Context, node: fx.Node) -> Comp | None:
     dims = [dims] if isinstance(dims, int) else list(dims)
     dims = [_norm_dim(d, nd) for d in dims]
     if c.axis in dims or not dims:
+        if dims == [c.axis]:
+            _wide_statistic(ctx, node, src, c)
         return None
     keep = node.args[2] if len(node.args) > 2 and isinstance(node.args[2], bool) else node.kwargs.get("keepdim", False)
     axis = c.axis if keep else c.axis - sum(d < c.axis for d in dims)
@@ -215,6 +221,31 @@ def reduction(ctx: Context, node: fx.Node) -> Comp | None:
     outputs = node.meta.get("val")
     sizes = [c.size] * len(outputs) if isinstance(outputs, (tuple, list)) else None  # max.dim: (values, indices)
     return replace(c, node=new, axis=axis, sizes=sizes)
+
+
+def _wide_statistic(ctx: Context, node: fx.Node, src: fx.Node, c: Comp) -> None:
+    """norm_stats="wide": beside an original mean/sum over the inserted axis, the same statistic over
+    [x ; x_e] (the original node stays the original dims' statistic; only companions read this shadow)."""
+    name = op_name(node)
+    if ctx.spec.norm_stats != "wide" or name not in ("mean", "sum") or val(node) is None:
+        return
+    keep = node.args[2] if len(node.args) > 2 and isinstance(node.args[2], bool) else node.kwargs.get("keepdim", False)
+    s_e = ctx.emit(aten.sum.dim_IntList, (c.node, [c.axis], keep), {"dtype": val(node).dtype})
+    if name == "sum":
+        ctx.shadows[node] = ctx.emit(aten.add.Tensor, (node, s_e))
+        return
+    n = numeric_shape([shape(src)[c.axis]])[0]
+    total = ctx.emit(aten.add.Tensor, (ctx.emit(aten.mul.Tensor, (node, n)), s_e))
+    ctx.shadows[node] = ctx.emit(aten.div.Tensor, (total, n + c.size))
+
+
+def propagate_shadow(ctx: Context, node: fx.Node) -> fx.Node | None:
+    """An elementwise op over shadowed statistics (mean + eps, rsqrt, ...) gets the same op over their
+    shadows; any other op ends the shadow (its companions then fall back to the original statistics)."""
+    if op_name(node) not in ELEMENTWISE_OPS:
+        return None
+    sub = lambda a: ctx.shadows.get(a, a) if isinstance(a, fx.Node) else a  # noqa: E731
+    return ctx.emit(node.target, tuple(sub(a) for a in node.args), {k: sub(v) for k, v in node.kwargs.items()})
 
 
 @rule("_softmax", "softmax", "_log_softmax", "log_softmax")
@@ -557,7 +588,11 @@ def layer_norm(ctx: Context, node: fx.Node) -> Comp | None:
     w = node.args[2] if len(node.args) > 2 else node.kwargs.get("weight")
     b = node.args[3] if len(node.args) > 3 else node.kwargs.get("bias")
     eps = node.args[4] if len(node.args) > 4 else node.kwargs.get("eps", 1e-5)
-    stats = ctx.emit(aten.native_layer_norm.default, (x, normalized_shape, None, None, eps))
+    if ctx.spec.norm_stats == "wide":  # mean and rstd of a genuinely wider LayerNorm over [x ; x_e]
+        wide = ctx.emit(aten.cat.default, ([x, c.node], -1))
+        stats = ctx.emit(aten.native_layer_norm.default, (wide, [shape(x)[-1] + c.size], None, None, eps))
+    else:
+        stats = ctx.emit(aten.native_layer_norm.default, (x, normalized_shape, None, None, eps))
     mean = ctx.emit(operator.getitem, (stats, 1))
     rstd = ctx.emit(operator.getitem, (stats, 2))
     e = ctx.emit(aten.mul.Tensor, (ctx.emit(aten.sub.Tensor, (c.node, mean)), rstd))
@@ -584,9 +619,14 @@ def rms_norm(ctx: Context, node: fx.Node) -> Comp | None:
     if eps is None:
         eps = torch.finfo(val(x).dtype).eps
     xf = ctx.emit(aten.to.dtype, (x, torch.float32))
+    ef = ctx.emit(aten.to.dtype, (c.node, torch.float32))
     ms = ctx.emit(aten.mean.dim, (ctx.emit(aten.pow.Tensor_Scalar, (xf, 2)), [-1], True))
+    if ctx.spec.norm_stats == "wide":  # the mean square over [x ; x_e], as a wider RMSNorm computes it
+        n = numeric_shape([shape(x)[-1]])[0]
+        sq_e = ctx.emit(aten.sum.dim_IntList, (ctx.emit(aten.pow.Tensor_Scalar, (ef, 2)), [-1], True))
+        ms = ctx.emit(aten.div.Tensor, (ctx.emit(aten.add.Tensor, (ctx.emit(aten.mul.Tensor, (ms, n)), sq_e)), n + c.size))
     rstd = ctx.emit(aten.rsqrt.default, (ctx.emit(aten.add.Tensor, (ms, eps)),))
-    e = ctx.emit(aten.mul.Tensor, (ctx.emit(aten.to.dtype, (c.node, torch.float32)), rstd))
+    e = ctx.emit(aten.mul.Tensor, (ef, rstd))
     e = ctx.emit(aten.to.dtype, (e, dtype))
     if isinstance(w, fx.Node):
         e = ctx.emit(aten.mul.Tensor, (e, _norm_param(ctx, node, w, c)))

@@ -46,6 +46,9 @@ class Rewrite:
         self.blocks: list[tuple[fx.Node, fx.Node, fx.Node]] = []  # (original linear, inserted linear, [x ; x_e])
         self._widened: dict[tuple[fx.Node, fx.Node], fx.Node] = {}
         self.cache_inputs: dict[fx.Node, Comp] = {}  # a past key/value input -> its inserted companion input
+        # norm_stats="wide": an original statistic over the widened axis (and what is computed from it, e.g.
+        # rsqrt(mean + eps)) -> the same statistic over [x ; x_e]. Only companions read shadows.
+        self.shadows: dict[fx.Node, fx.Node] = {}
 
     # -- nodes ---------------------------------------------------------------------------------------------
     def at(self, node: fx.Node) -> None:

@@ -8,6 +8,7 @@ from .errors import SpecError
 SIGNALS = ("reward", "calibration", "medusa")
 INITS = ("copy", "normal", "random")
 VOCAB_HEADS = ("tied", "full")
+NORM_STATS = ("wide", "original")
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,11 @@ class InsertSpec:
                  output matrix (shared, 0 bytes), like a tied lm_head; "full": its own vocab x (d + extra_dim)
                  matrix (for SmolLM2, 30 M parameters per head — more than the rest of the insertion).
     seed:        seeds the initialisation, so two insert() calls with the same spec give the same model.
+    norm_stats:  the statistics that normalize the inserted dims in each norm. "wide" (default): those a
+                 genuinely wider norm computes over [h ; e] — the inserted dims' size is bounded by the norm,
+                 so training is stable at high learning rates; "original": the original dims' statistics only
+                 (the paper's variant; nothing bounds e as it grows). Original dims always use their own
+                 statistics: the base logits are bit-identical either way.
     """
 
     extra_dim: int = 64
@@ -43,6 +49,7 @@ class InsertSpec:
     init: str = "copy"
     seed: int = 0
     vocab_heads: str = "tied"
+    norm_stats: str = "wide"
 
     def __post_init__(self) -> None:
         for name in ("extra_dim", "extra_heads", "extra_ffn", "n_rewards", "n_medusa", "seed"):
@@ -64,6 +71,8 @@ class InsertSpec:
             raise SpecError("signal", f"must be one of {SIGNALS} or a tuple of them, got {self.signal!r}")
         if self.vocab_heads not in VOCAB_HEADS:
             raise SpecError("vocab_heads", f"must be one of {VOCAB_HEADS}, got {self.vocab_heads!r}")
+        if self.norm_stats not in NORM_STATS:
+            raise SpecError("norm_stats", f"must be one of {NORM_STATS}, got {self.norm_stats!r}")
         if self.init not in INITS:
             raise SpecError("init", f"must be one of {INITS}, got {self.init!r}")
 
@@ -81,4 +90,5 @@ class InsertSpec:
         d = dict(d)
         if isinstance(d.get("signal"), list):
             d["signal"] = tuple(d["signal"])
+        d.setdefault("norm_stats", "original")  # adapters written before the field were trained that way
         return cls(**d)

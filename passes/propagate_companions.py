@@ -2,8 +2,9 @@
 
 Invariant: only new nodes are added; each original node keeps its target and inputs. Inserted dims never
 flow into an original node, so every original value, logits included, is bit-identical. Norm statistics
-stay those of the original dims (reductions get no companion), inserted heads attend with the original
-mask and positions, and linears become [[W, 0], [A, B]] in side-car form.
+of the original dims stay theirs (reductions get no companion); with norm_stats="wide" the inserted dims are
+normalized by the statistic over [x ; x_e], computed beside it (a "shadow" that only companions read).
+Inserted heads attend with the original mask and positions; linears become [[W, 0], [A, B]] in side-car form.
 An op with inserted dims on an input and no rule stops the insertion with an error naming the node.
 """
 from __future__ import annotations
@@ -13,7 +14,7 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from otter_surgery.errors import UnsupportedGraphError
 from otter_surgery.graph_utils import op_name
-from otter_surgery.oprules import RULES
+from otter_surgery.oprules import RULES, propagate_shadow
 from otter_surgery.rewrite import Rewrite
 
 # Ops that only inspect a tensor (shapes, metadata checks) and never need inserted dims.
@@ -38,6 +39,11 @@ class PropagateCompanions(PassBase):
             if node.op != "call_function" or node in ctx.comps:
                 continue
             if not any(a in ctx.comps for a in node.all_input_nodes):
+                if any(a in ctx.shadows for a in node.all_input_nodes):
+                    ctx.at(node)
+                    shadow = propagate_shadow(ctx, node)
+                    if shadow is not None:
+                        ctx.shadows[node] = shadow
                 continue
             name = op_name(node)
             if name in _INSPECTORS or not node.users:

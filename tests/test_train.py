@@ -191,3 +191,28 @@ def test_genarm_token_reward_learns_preferences_and_steers_decoding(tiny_llama):
     plain = otter.generate(omodel, ids, max_new_tokens=8)
     steered = otter.generate(omodel, ids, max_new_tokens=8, guide=otter.Calibrated(alpha=3.0))
     assert int((steered.sequences[:, 5:] == 7).sum()) > int((plain.sequences[:, 5:] == 7).sum())
+
+
+def _scored(n: int = 8, vocab: int = 61):
+    g = torch.Generator().manual_seed(0)
+    return [{"input_ids": torch.randint(3, vocab, (int(torch.randint(4, 12, (1,), generator=g)),), generator=g).tolist(),
+             "score": float(torch.randn(1, generator=g))} for _ in range(n)]
+
+
+@pytest.mark.parametrize("lr", [1e-4, 1e-3, 1e-2])
+def test_default_spec_trains_across_learning_rates(tiny_llama, lr):
+    """norm_stats="wide" (default): the inserted dims are normalized with the statistics of [h ; e], so their
+    size is bounded and AdamW trains from 1e-4 to 1e-2 (8 scored sequences, 80 steps)."""
+    omodel = otter.insert(tiny_llama, otter.InsertSpec())
+    result = otter.train(omodel, _scored(), "regression", steps=80, batch_size=8, lr=lr, progress=False)
+    assert all(math.isfinite(x) for x in result.losses)
+    assert result.losses[-1] < 0.2 * result.losses[0], (lr, result.losses[0], result.losses[-1])
+    assert max(result.losses) <= 2 * result.losses[0], "the loss should not blow up on the way"
+
+
+def test_original_norm_statistics_remain_selectable_and_are_what_diverges(tiny_llama):
+    """The paper's variant (inserted dims scaled by the original dims' statistics only): nothing bounds e, and
+    at lr 1e-2 the same run diverges — the reason "wide" is the default."""
+    omodel = otter.insert(tiny_llama, otter.InsertSpec(norm_stats="original"))
+    result = otter.train(omodel, _scored(), "regression", steps=20, batch_size=8, lr=1e-2, progress=False)
+    assert max(result.losses) > 1e3 * result.losses[0]
