@@ -196,12 +196,13 @@ def elementwise(ctx: Context, node: fx.Node) -> Comp | None:
     return replace(first, node=ctx.emit(node.target, args, kwargs), axis=ax, sizes=None)
 
 
-# -- reductions: statistics come from the original dims only --------------------------------------------
+# -- reductions: the original statistic stays the original dims' own -----------------------------------
 
 @rule("mean", "sum", "var", "std", "amax", "amin", "var_mean", "logsumexp", "max", "min", "prod", "norm")
 def reduction(ctx: Context, node: fx.Node) -> Comp | None:
-    """A reduction over the inserted axis (a norm's mean/variance) is computed from the original dims only:
-    the original node is already that, so it gets no companion and is broadcast back by `elementwise`."""
+    """A reduction over the inserted axis (a norm's mean/variance): the original node stays the original dims'
+    statistic and gets no companion; `elementwise` broadcasts it (or, with norm_stats="wide", its shadow over
+    [x ; x_e]) to the companions."""
     if len(node.args) > 1 and isinstance(node.args[1], fx.Node):
         return elementwise(ctx, node)  # max.other / min.other: the binary elementwise overloads
     src, c = _single_comp(ctx, node)
