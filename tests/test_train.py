@@ -73,7 +73,9 @@ def test_other_objectives_reduce_their_loss(tiny_llama, objective, signal):
         data = [{"input_ids": [11, 12, 13, 14, 15, 16, 17, 18][: 4 + i % 5]} for i in range(32)]
     omodel = otter.insert(tiny_llama, otter.InsertSpec(extra_dim=8, extra_heads=3, extra_ffn=8, signal=signal))
     start = otter.evaluate(omodel, data, objective)["loss"]
-    result = otter.train(omodel, data, objective, steps=40, batch_size=8, lr=3e-3, progress=False)
+    # lr 1e-2: with norm_stats="wide" the inserted dims are bounded, so a vocab head's logits grow only with
+    # its own weights (this toy model's output matrix is tiny: std 0.02); at 3e-3 it needs more than 40 steps
+    result = otter.train(omodel, data, objective, steps=40, batch_size=8, lr=1e-2, progress=False)
     end = otter.evaluate(omodel, data, objective)["loss"]
     assert end < 0.5 * start, (start, end, result.losses[-5:])
 
