@@ -81,6 +81,12 @@ class _StepGraph:
         self.inserted_order = [n.meta["otter_cache_companion"] for n in holders if "otter_cache_companion" in n.meta]
 
 
+def _contiguous_inputs(compiled):
+    """Compiled graphs guard on input strides: a sliced prompt or a cache fresh from a prefill (transposed
+    keys) would recompile the step. Contiguous inputs give one stride pattern (a no-op once they are)."""
+    return lambda *xs: compiled(*(x.contiguous() for x in xs))
+
+
 class CachedDecoder:
     """Runs the rewritten decode-step graph: `start` (prefill) and `step` (any number of new tokens).
 
@@ -114,9 +120,9 @@ class CachedDecoder:
             else:
                 # Compiled steps are checked against the base model's step compiled the same way: inductor's
                 # kernels are not eager's, but the original nodes must still give the same bits as the base.
-                g.run = torch.compile(g.gm, **compile_kwargs)
-                base_step = torch.compile(capture_step(self.omodel.base_model, kind=kind, masked=masked).graph_module,
-                                          **compile_kwargs)
+                g.run = _contiguous_inputs(torch.compile(g.gm, **compile_kwargs))
+                base_step = _contiguous_inputs(torch.compile(
+                    capture_step(self.omodel.base_model, kind=kind, masked=masked).graph_module, **compile_kwargs))
                 self._probe(g, g.run, lambda ids, mask, pos, past: base_step(ids, mask, pos, *past), kind, masked)
             self.graphs[key] = g
         return self.graphs[key]

@@ -53,3 +53,11 @@ def test_compiled_decoding_gives_the_compiled_base_step_tokens(tiny_llama):
             positions = positions[:, -1:] + 1
     assert torch.equal(out.sequences, seq)
     assert all(g.run is not g.gm for g in dec.graphs.values()), "decode steps of a compiled model are compiled"
+    # dynamic shapes: longer decodes (new cache lengths) and other prompt lengths reuse the compiled steps
+    from torch._dynamo.utils import counters
+
+    compiled_before = counters["stats"]["unique_graphs"]
+    otter.generate(compiled, ids, attention_mask=mask, max_new_tokens=12)
+    assert counters["stats"]["unique_graphs"] == compiled_before, "a longer decode recompiled a decode step"
+    otter.generate(compiled, ids[:, 2:], attention_mask=mask[:, 2:], max_new_tokens=12)
+    assert counters["stats"]["unique_graphs"] == compiled_before, "another prompt length recompiled a step"
