@@ -142,21 +142,29 @@ class _CachedStep(nn.Module):
     the 2-D mask over past + new tokens, position ids (when the model takes them), `logits_to_keep=1` (when
     it takes it), and a DynamicCache of the past keys/values. Returns (logits, *updated cache tensors)."""
 
-    def __init__(self, model: nn.Module, takes_positions: bool, keep_last: bool, masked: bool = True):
+    def __init__(self, model: nn.Module, takes_positions: bool, keep_last: bool, masked: bool = True,
+                 cached: bool = True):
         super().__init__()
         self.m = model
         self.takes_positions = takes_positions
         self.keep_last = keep_last
         self.masked = masked
+        self.cached = cached  # False: a model with no readable cache, called on the whole sequence each step
 
     def forward(self, input_ids, attention_mask, position_ids, past: list):
         mask = attention_mask if self.masked else None
-        kwargs = dict(input_ids=input_ids, attention_mask=mask, past_key_values=_cache_from(past), use_cache=True)
+        kwargs = dict(input_ids=input_ids, attention_mask=mask)
+        if self.cached:
+            kwargs.update(past_key_values=_cache_from(past), use_cache=True)
+        elif "use_cache" in inspect.signature(self.m.forward).parameters:
+            kwargs["use_cache"] = False  # nothing would read it
         if self.takes_positions:
             kwargs["position_ids"] = position_ids
         if self.keep_last:
             kwargs["logits_to_keep"] = 1
         out = self.m(**kwargs)
+        if not self.cached:
+            return (out.logits,)
         return (out.logits, *[t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)])
 
 
@@ -204,13 +212,14 @@ def step_signature(model: nn.Module) -> tuple[bool, bool]:
     return "position_ids" in params, "logits_to_keep" in params
 
 
-STEP_KINDS = ("prefill", "one", "several")
+STEP_KINDS = ("prefill", "one", "several", "recompute")
 
 
 def capture_step(model: nn.Module, kind: str = "one", masked: bool = True) -> CapturedStep:
     """Export one KV-cached step of a transformers causal LM, dynamic in the batch size and:
     kind="prefill": the prompt (any length) after an empty cache; "one": one new token after a past of any
-    length (the decode step); "several": several new tokens after a non-empty past (verifying drafts).
+    length (the decode step); "several": several new tokens after a non-empty past (verifying drafts);
+    "recompute": the whole sequence, no cache (how generate runs a model that returns none).
     transformers picks its attention kernels by exactly these facts (a one-token query packs GQA heads; an
     empty past with no padding needs no mask), so each is a graph of its own, captured on the eager path.
     Without `masked` the model gets no attention mask (the mask input is ignored), as generate calls it when
@@ -220,6 +229,8 @@ def capture_step(model: nn.Module, kind: str = "one", masked: bool = True) -> Ca
     if not is_transformers_model(model):
         raise CaptureError(f"{type(model).__name__} is not a transformers model: it has no KV-cache interface to capture")
     takes_positions, keep_last = step_signature(model)
+    if kind == "recompute":
+        return _capture_recompute(model, takes_positions, keep_last, masked)
     wrapper = _CachedStep(model, takes_positions, keep_last, masked)
     prompt = example_inputs(model, True)
     with _eval_mode(model), torch.no_grad():
@@ -255,3 +266,21 @@ def capture_step(model: nn.Module, kind: str = "one", masked: bool = True) -> Ca
     for node, role in zip([n for n in gm.graph.nodes if n.op == "placeholder"][3:], range(len(past))):
         node.meta["otter_cache_input"] = role
     return CapturedStep(gm, [(t.shape[1], t.shape[3]) for t in past], past[0].dtype, wrapper)
+
+
+def _capture_recompute(model: nn.Module, takes_positions: bool, keep_last: bool, masked: bool) -> CapturedStep:
+    """The no-cache step: the whole sequence with generate's position ids and logits_to_keep, no cache."""
+    wrapper = _CachedStep(model, takes_positions, keep_last, masked, cached=False)
+    prompt = example_inputs(model, True)
+    ids, mask = prompt["input_ids"], prompt["attention_mask"]
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    batch, seq = torch.export.Dim.DYNAMIC, torch.export.Dim.DYNAMIC
+    dims = {0: batch, 1: seq}
+    with _eval_mode(model), torch.no_grad():
+        try:
+            with _eager_kernel_choices():
+                ep = torch.export.export(wrapper, (ids, mask, positions, []), dynamic_shapes=(dims, dims, dims, []),
+                                         strict=False)
+        except Exception as exc:
+            raise CaptureError(f"torch.export could not capture a decode step of {type(model).__name__}: {exc}") from exc
+    return CapturedStep(_to_graph_module(ep), [], next(model.parameters()).dtype, wrapper)

@@ -10,6 +10,7 @@ whole sequence each step with the full graph: the same tokens, at a higher cost.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -20,6 +21,8 @@ from .errors import CaptureError, OtterError
 from .model import OtterModel
 from .passes.merge_side_gemms import GemmStore, merge_side_gemms
 from .verify import bits_equal
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -96,6 +99,7 @@ class CachedDecoder:
     model's own step."""
 
     cached = True
+    first_kind = "prefill"
 
     def __init__(self, omodel: OtterModel):
         if omodel.base_model is None:
@@ -108,7 +112,7 @@ class CachedDecoder:
         self.device = next(iter(omodel.parameters())).device
         self.graphs: dict[tuple[str, bool], _StepGraph] = {}
         self.gemms = GemmStore()
-        self.graph("prefill", masked=True)  # capture problems surface at the first generate() call
+        self.graph(self.first_kind, masked=True)  # capture problems surface at the first generate() call
 
     def graph(self, kind: str, masked: bool) -> _StepGraph:
         key = (kind, masked)
@@ -188,7 +192,7 @@ class CachedDecoder:
         with torch.no_grad(), _eval_mode(g.reference.m):
             empty = [torch.zeros(rows, h, 0, d, dtype=g.dtype, device=self.device) for h, d in g.cache_shapes]
             past = empty
-            if kind != "prefill":  # a past from the eager model, then one or three tokens
+            if kind in ("one", "several"):  # a past from the eager model, then one or three tokens
                 _, *past = g.reference(ids, mask, _positions(mask), empty)
                 n = 1 if kind == "one" else 3
                 ids, mask = ids[:, :n], torch.cat([mask, mask.new_ones(rows, n)], 1)
@@ -207,6 +211,41 @@ class CachedDecoder:
             raise OtterError("internal error: the rewritten decode step's logits differ from the base model's "
                              f"cached step ({kind} step, "
                              f"{'padded' if masked else 'unpadded'} rows)")
+
+
+class RecomputeStepDecoder(CachedDecoder):
+    """A transformers model that returns no KV cache (BERT-style decoders, GPT-1): every step runs the whole
+    sequence through a captured step called as generate calls such a model (position ids from the mask,
+    logits_to_keep), so the tokens are still generate's own."""
+
+    cached = False
+    first_kind = "recompute"
+
+    def _run(self, tokens, state, positions):
+        g = self.graph("recompute", masked=not bool(state.mask.all()))
+        values = g.run(state.tokens, state.mask, _positions(state.mask))
+        new = tokens.shape[1]
+        out = StepOutput(values[0][:, -new:], {k: v[:, -new:] for k, v in zip(self.signals, values[1:])})
+        return out, replace(state, last_position=positions[:, -1:])
+
+    def empty_state(self, attention_mask):
+        rows = attention_mask.shape[0]
+        return DecodeState(attention_mask, torch.zeros(rows, 1, dtype=torch.long),
+                           tokens=attention_mask.new_zeros(rows, 0, dtype=torch.long))
+
+    @torch.no_grad()
+    def start(self, input_ids, attention_mask):
+        for g in self.graphs.values():
+            self.gemms.bind(g.gm, g.merged)
+        state = replace(self.empty_state(attention_mask), tokens=input_ids)
+        return self._run(input_ids, state, _positions(attention_mask))
+
+    @torch.no_grad()
+    def step(self, tokens, state):
+        new = tokens.shape[1]
+        mask = torch.cat([state.mask, state.mask.new_ones(tokens.shape[0], new)], 1)
+        positions = state.last_position + torch.arange(1, new + 1, device=tokens.device)
+        return self._run(tokens, replace(state, mask=mask, tokens=torch.cat([state.tokens, tokens], 1)), positions)
 
 
 class RecomputeDecoder:
@@ -249,7 +288,15 @@ def decoder(omodel: OtterModel) -> CachedDecoder | RecomputeDecoder:
         if base is not None and not is_transformers_model(base):
             made = RecomputeDecoder(omodel)
         else:
-            made = CachedDecoder(omodel)
+            try:
+                made = CachedDecoder(omodel)
+            except CaptureError as cached_error:
+                try:  # no cache this library can read: decode as generate does without one
+                    made = RecomputeStepDecoder(omodel)
+                except CaptureError:
+                    raise cached_error from None
+                logger.info("%s returns no key/value cache that can be captured (%s); decoding recomputes the "
+                            "sequence each step", type(base).__name__, cached_error)
         omodel.__dict__["_decoder"] = made
     return made
 

@@ -93,8 +93,12 @@ def check_decoding(model, omodel, ids, mask) -> tuple[bool, str]:
     try:
         for m in (mask, torch.ones_like(mask)):
             got = otter.generate(omodel, ids, attention_mask=m, max_new_tokens=5).sequences
-            with torch.no_grad():
-                want = model.generate(input_ids=ids, attention_mask=m, max_new_tokens=5, do_sample=False)
+            try:
+                with torch.no_grad():
+                    want = model.generate(input_ids=ids, attention_mask=m, max_new_tokens=5, do_sample=False)
+            except Exception as exc:
+                return False, (f"otter.generate runs, but transformers' own generate fails on this model "
+                               f"({type(exc).__name__}: {str(exc)[:80]}), so there is nothing to compare with")
             if not torch.equal(got, want):
                 return False, f"greedy tokens differ from transformers' generate ({'padded' if not bool(m.all()) else 'unpadded'})"
     except Exception as exc:

@@ -258,3 +258,21 @@ def test_bad_input_is_named(guided):
         otter.generate(omodel, ids, max_new_tokens=0)
     with pytest.raises(TypeError, match="guide"):
         otter.generate(omodel, ids, guide="reward")
+
+
+@pytest.mark.parametrize("arch", ["openai-gpt", "bert"])
+def test_models_without_a_cache_decode_as_generate_does(arch):
+    """GPT-1 has no KV cache, a BERT-style LM head returns none: generate recomputes the sequence each step
+    (position ids from the mask, logits_to_keep) and so does otter.generate, through a captured step."""
+    from otter_surgery.support import tiny_config
+
+    model = ot.build_model(tiny_config(arch))
+    omodel = otter.insert(model, otter.InsertSpec(extra_dim=4, extra_ffn=8, signal="reward"))
+    ids = torch.randint(3, 60, (3, 6), generator=torch.Generator().manual_seed(2))
+    for mask in (torch.ones_like(ids), torch.tensor([[0, 0, 1, 1, 1, 1], [1] * 6, [0, 1, 1, 1, 1, 1]])):
+        out = otter.generate(omodel, ids, attention_mask=mask, max_new_tokens=5, eos_token_id=[])
+        with torch.no_grad():
+            want = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False,
+                                  eos_token_id=None, min_new_tokens=5)
+        assert torch.equal(out.sequences, want), (arch, mask.tolist())
+        assert out.stats["cached"] is False and out.rewards.shape == (3, 5)
