@@ -38,7 +38,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(__file__))
 import otter_surgery as otter  # noqa: E402
-from otter_surgery.capture import _cache_from, capture_step  # noqa: E402
+from otter_surgery.capture import cache_from, capture_step  # noqa: E402
 from otter_surgery.real_model import load_smollm2  # noqa: E402
 from sentiment_data import read_sentences  # noqa: E402
 
@@ -88,7 +88,7 @@ class Cached:
 
     def select(self, index):
         layers = [(layer.keys[index], layer.values[index]) for layer in self.cache.layers]
-        self.cache = _cache_from([t for kv in layers for t in kv])
+        self.cache = cache_from([t for kv in layers for t in kv])
         self.mask, self.pos = self.mask[index], self.pos[index]
 
     def cache_bytes(self) -> int:

@@ -16,7 +16,7 @@ from torch import nn
 from .errors import CaptureError
 
 
-class _LogitsOnly(nn.Module):
+class LogitsOnly(nn.Module):
     """Calls the user's model the way users do and returns its logits tensor only.
 
     transformers models get keyword inputs and use_cache=False (no KV cache in the captured graph); plain
@@ -55,7 +55,7 @@ def is_transformers_model(model: nn.Module) -> bool:
 
 
 @contextlib.contextmanager
-def _eval_mode(model: nn.Module):
+def eval_mode(model: nn.Module):
     flags = {m: m.training for m in model.modules()}
     model.eval()
     try:
@@ -66,7 +66,7 @@ def _eval_mode(model: nn.Module):
 
 
 def example_inputs(model: nn.Module, takes_mask: bool) -> dict:
-    vocab = _vocab_size(model)
+    vocab = vocab_size(model)
     device = next(iter(model.parameters()), torch.empty(0)).device
     # Two rows, seven tokens, a left-padded row: sizes > 1 so export keeps both dims symbolic.
     ids = torch.arange(14, device=device).reshape(2, 7) % vocab
@@ -78,7 +78,7 @@ def example_inputs(model: nn.Module, takes_mask: bool) -> dict:
     return kwargs
 
 
-def _vocab_size(model: nn.Module) -> int:
+def vocab_size(model: nn.Module) -> int:
     config = getattr(model, "config", None)
     vocab = getattr(config, "vocab_size", None)
     if vocab:
@@ -110,9 +110,9 @@ def capture(model: nn.Module) -> Captured:
     takes_mask = is_transformers_model(model)
     kwargs = example_inputs(model, takes_mask)
     dyn = {k: {0: torch.export.Dim.DYNAMIC, 1: torch.export.Dim.DYNAMIC} for k in kwargs}
-    wrapper = _LogitsOnly(model, takes_mask)
+    wrapper = LogitsOnly(model, takes_mask)
     try:
-        with _eval_mode(model), torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             ep = torch.export.export(wrapper, (), kwargs=kwargs, dynamic_shapes=dyn, strict=False)
     except Exception as exc:  # torch.export raises many types; name the cause and keep the chain
         raise CaptureError(f"torch.export could not capture {type(model).__name__}: {exc}") from exc
@@ -121,7 +121,7 @@ def capture(model: nn.Module) -> Captured:
 
 # -- the KV-cached decode step ------------------------------------------------------------------------------
 
-def _cache_from(flat: list[torch.Tensor]):
+def cache_from(flat: list[torch.Tensor]):
     """A transformers DynamicCache holding `flat` = [k0, v0, k1, v1, ...] ([batch, heads, seq, head_dim] each),
     built without the empty-tensor concatenation of DynamicCache(ddp_cache_data=...), so each cache input
     feeds exactly one concatenation: the model's own update."""
@@ -155,7 +155,7 @@ class _CachedStep(nn.Module):
         mask = attention_mask if self.masked else None
         kwargs = dict(input_ids=input_ids, attention_mask=mask)
         if self.cached:
-            kwargs.update(past_key_values=_cache_from(past), use_cache=True)
+            kwargs.update(past_key_values=cache_from(past), use_cache=True)
         elif "use_cache" in inspect.signature(self.m.forward).parameters:
             kwargs["use_cache"] = False  # nothing would read it
         if self.takes_positions:
@@ -233,7 +233,7 @@ def capture_step(model: nn.Module, kind: str = "one", masked: bool = True) -> Ca
         return _capture_recompute(model, takes_positions, keep_last, masked)
     wrapper = _CachedStep(model, takes_positions, keep_last, masked)
     prompt = example_inputs(model, True)
-    with _eval_mode(model), torch.no_grad():
+    with eval_mode(model), torch.no_grad():
         try:
             first = model(**prompt, use_cache=True)
             cache = first.past_key_values
@@ -276,7 +276,7 @@ def _capture_recompute(model: nn.Module, takes_positions: bool, keep_last: bool,
     positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
     batch, seq = torch.export.Dim.DYNAMIC, torch.export.Dim.DYNAMIC
     dims = {0: batch, 1: seq}
-    with _eval_mode(model), torch.no_grad():
+    with eval_mode(model), torch.no_grad():
         try:
             with _eager_kernel_choices():
                 ep = torch.export.export(wrapper, (ids, mask, positions, []), dynamic_shapes=(dims, dims, dims, []),

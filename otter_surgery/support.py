@@ -48,7 +48,7 @@ def check_family(arch: str) -> SupportRow:
 
     import otter_surgery as otter
     from otter_surgery.analyze import Analysis
-    from otter_surgery.capture import _vocab_size, capture
+    from otter_surgery.capture import vocab_size, capture
     from otter_surgery.testing import build_model
     from otter_surgery.verify import bits_equal, reference_logits
 
@@ -69,7 +69,7 @@ def check_family(arch: str) -> SupportRow:
             omodel = otter.insert(model, otter.InsertSpec(extra_dim=4, extra_heads=step, extra_ffn=8))
             row.inserted = True
             gen = torch.Generator().manual_seed(0)
-            ids = torch.randint(3, _vocab_size(model), (2, 9), generator=gen)
+            ids = torch.randint(3, vocab_size(model), (2, 9), generator=gen)
             mask = torch.ones_like(ids)
             mask[0, :3] = 0
             batch = {"input_ids": ids, "attention_mask": mask}

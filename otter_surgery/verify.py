@@ -7,7 +7,7 @@ import torch
 from hypothesis import HealthCheck, Phase, given, settings
 from torch import nn
 
-from .capture import _eval_mode, _LogitsOnly, _vocab_size, is_transformers_model
+from .capture import eval_mode, LogitsOnly, vocab_size, is_transformers_model
 from .errors import VerificationError
 from .model import OtterModel
 from .testing import batches
@@ -26,8 +26,8 @@ def bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def reference_logits(model: nn.Module, batch: dict) -> torch.Tensor:
-    with _eval_mode(model), torch.no_grad():
-        return _LogitsOnly(model, is_transformers_model(model))(**batch)
+    with eval_mode(model), torch.no_grad():
+        return LogitsOnly(model, is_transformers_model(model))(**batch)
 
 
 def describe(batch: dict, want: torch.Tensor, got: torch.Tensor) -> str:
@@ -52,7 +52,7 @@ def verify(model: nn.Module, omodel: OtterModel, *, max_examples: int = 50, max_
            max_seq: int = 64, derandomize: bool = True) -> VerifyReport:
     """Check omodel(batch).logits == model(batch).logits (bit for bit) on hypothesis-drawn batches with
     left/right padding. Raises VerificationError describing the *shrunk* failing batch."""
-    vocab = _vocab_size(model)
+    vocab = vocab_size(model)
     seen = []
 
     @settings(max_examples=max_examples, derandomize=derandomize, database=None, deadline=None,
