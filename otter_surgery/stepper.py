@@ -222,30 +222,17 @@ class RecomputeStepDecoder(CachedDecoder):
     first_kind = "recompute"
 
     def _run(self, tokens, state, positions):
+        seq = torch.cat([state.tokens, tokens], 1)  # the whole sequence so far, read again every step
         g = self.graph("recompute", masked=not bool(state.mask.all()))
-        values = g.run(state.tokens, state.mask, _positions(state.mask))
+        values = g.run(seq, state.mask, _positions(state.mask))
         new = tokens.shape[1]
         out = StepOutput(values[0][:, -new:], {k: v[:, -new:] for k, v in zip(self.signals, values[1:])})
-        return out, replace(state, last_position=positions[:, -1:])
+        return out, replace(state, last_position=positions[:, -1:], tokens=seq)
 
     def empty_state(self, attention_mask):
         rows = attention_mask.shape[0]
         return DecodeState(attention_mask, torch.zeros(rows, 1, dtype=torch.long),
                            tokens=attention_mask.new_zeros(rows, 0, dtype=torch.long))
-
-    @torch.no_grad()
-    def start(self, input_ids, attention_mask):
-        for g in self.graphs.values():
-            self.gemms.bind(g.gm, g.merged)
-        state = replace(self.empty_state(attention_mask), tokens=input_ids)
-        return self._run(input_ids, state, _positions(attention_mask))
-
-    @torch.no_grad()
-    def step(self, tokens, state):
-        new = tokens.shape[1]
-        mask = torch.cat([state.mask, state.mask.new_ones(tokens.shape[0], new)], 1)
-        positions = state.last_position + torch.arange(1, new + 1, device=tokens.device)
-        return self._run(tokens, replace(state, mask=mask, tokens=torch.cat([state.tokens, tokens], 1)), positions)
 
 
 class RecomputeDecoder:
