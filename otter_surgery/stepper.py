@@ -5,7 +5,8 @@ the same passes as the full graph; its inserted parameters *are* the full graph'
 objects, matched by name), so training, adapters and decoding always agree. The inserted heads keep their own
 keys/values beside the base cache; the base cache entries are the base model's, bit for bit.
 
-Models with no KV-cache interface (plain PyTorch decoders called as forward(idx)) decode by recomputing the
+transformers models that return no cache (GPT-1, BERT-style LM heads) run a captured whole-sequence step each
+time, as generate runs them. Plain PyTorch decoders (forward(idx), no cache interface) decode by recomputing the
 whole sequence each step with the full graph: the same tokens, at a higher cost.
 """
 from __future__ import annotations
