@@ -212,13 +212,14 @@ def step_signature(model: nn.Module) -> tuple[bool, bool]:
     return "position_ids" in params, "logits_to_keep" in params
 
 
-STEP_KINDS = ("prefill", "one", "several", "recompute")
+STEP_KINDS = ("prefill", "one", "several", "verify", "recompute")
 
 
 def capture_step(model: nn.Module, kind: str = "one", masked: bool = True) -> CapturedStep:
     """Export one KV-cached step of a transformers causal LM, dynamic in the batch size and:
     kind="prefill": the prompt (any length) after an empty cache; "one": one new token after a past of any
-    length (the decode step); "several": several new tokens after a non-empty past (verifying drafts);
+    length (the decode step); "several": several new tokens after a non-empty past; "verify": the same,
+    keeping the logits of every new token (speculative decoding checks each drafted position);
     "recompute": the whole sequence, no cache (how generate runs a model that returns none).
     transformers picks its attention kernels by exactly these facts (a one-token query packs GQA heads; an
     empty past with no padding needs no mask), so each is a graph of its own, captured on the eager path.
@@ -231,6 +232,7 @@ def capture_step(model: nn.Module, kind: str = "one", masked: bool = True) -> Ca
     takes_positions, keep_last = step_signature(model)
     if kind == "recompute":
         return _capture_recompute(model, takes_positions, keep_last, masked)
+    keep_last = keep_last and kind != "verify"
     wrapper = _CachedStep(model, takes_positions, keep_last, masked)
     prompt = example_inputs(model, True)
     with eval_mode(model), torch.no_grad():

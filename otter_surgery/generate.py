@@ -61,7 +61,22 @@ class Calibrated:
             raise ValueError(f"Calibrated.top_p must be in (0, 1], got {self.top_p!r}")
 
 
-Guide = RewardGuided | Calibrated
+@dataclass(frozen=True)
+class Speculative:
+    """Medusa-style speculative decoding with the inserted `medusa` heads: the heads draft the next tokens,
+    one cached forward over [greedy token, drafts] checks them all, and the longest prefix that matches the
+    base's own argmax is kept (rows of a batch keep the same number, the smallest any row accepted, so their
+    caches stay aligned); the rejected positions are rolled back. Greedy only. n_draft: heads to use
+    (None: all of InsertSpec.n_medusa)."""
+
+    n_draft: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.n_draft is not None and (not isinstance(self.n_draft, int) or self.n_draft < 1):
+            raise ValueError(f"Speculative.n_draft must be an int >= 1 or None, got {self.n_draft!r}")
+
+
+Guide = RewardGuided | Calibrated | Speculative
 
 
 @dataclass
@@ -137,8 +152,10 @@ def _check_inputs(omodel: OtterModel, input_ids, attention_mask, max_new_tokens:
     if isinstance(limit, int) and input_ids.shape[1] + max_new_tokens > limit:
         raise ValueError(f"prompt length {input_ids.shape[1]} + max_new_tokens {max_new_tokens} exceeds the model's "
                          f"max_position_embeddings ({limit})")
-    if guide is not None and not isinstance(guide, (RewardGuided, Calibrated)):
-        raise TypeError(f"guide must be otter.RewardGuided or otter.Calibrated, got {type(guide).__name__}")
+    if guide is not None and not isinstance(guide, (RewardGuided, Calibrated, Speculative)):
+        raise TypeError(f"guide must be otter.RewardGuided, otter.Calibrated or otter.Speculative, got {type(guide).__name__}")
+    if isinstance(guide, Speculative) and guide.n_draft is not None and guide.n_draft > omodel.spec.n_medusa:
+        raise ValueError(f"Speculative.n_draft={guide.n_draft} but the model has n_medusa={omodel.spec.n_medusa} heads")
     need = _signal_of(omodel, guide)
     if need is not None and need not in omodel.spec.signals:
         raise ValueError(f"{type(guide).__name__}{'(head=' + repr(guide.head) + ')' if isinstance(guide, RewardGuided) else ''} "
@@ -150,6 +167,8 @@ def _check_inputs(omodel: OtterModel, input_ids, attention_mask, max_new_tokens:
 def _signal_of(omodel: OtterModel, guide) -> str | None:
     if isinstance(guide, Calibrated):
         return "calibration"
+    if isinstance(guide, Speculative):
+        return "medusa"
     if isinstance(guide, RewardGuided):
         if guide.head == "auto":
             return "reward" if "reward" in omodel.spec.signals else "calibration"
@@ -191,8 +210,13 @@ def generate(omodel: OtterModel, input_ids: torch.Tensor, attention_mask: torch.
     ends when every row has stopped. do_sample/temperature/top_p/seed sample from the (guided) scores.
     """
     mask = _check_inputs(omodel, input_ids, attention_mask, max_new_tokens, guide)
-    out = _decode(omodel, input_ids, mask, max_new_tokens, guide, do_sample, temperature, top_p, seed,
-                  eos_token_id, pad_token_id)
+    if isinstance(guide, Speculative):
+        if do_sample:
+            raise ValueError("Speculative decoding here is greedy (its output is the greedy output); use do_sample=False")
+        out = _decode_speculative(omodel, input_ids, mask, max_new_tokens, guide, eos_token_id, pad_token_id)
+    else:
+        out = _decode(omodel, input_ids, mask, max_new_tokens, guide, do_sample, temperature, top_p, seed,
+                      eos_token_id, pad_token_id)
     if return_unguided:
         plain = _decode(omodel, input_ids, mask, max_new_tokens, None, do_sample, temperature, top_p, seed,
                         eos_token_id, pad_token_id)
@@ -276,3 +300,56 @@ def _args_step(dec, out: StepOutput, state: DecodeState, logits: torch.Tensor, g
     j = choose(top + guide.weight * reward)
     pick = torch.arange(rows, device=logits.device) * k + j
     return cand.gather(1, j[:, None]).squeeze(1), reward.gather(1, j[:, None]).squeeze(1), out_k.rows(pick), state_k.select(pick)
+
+
+def _draft(out: StepOutput, position: torch.Tensor, n: int) -> torch.Tensor:
+    """The medusa heads' drafts [rows, n] read at `position` [rows] of a step's output (head k: token t+k+2)."""
+    heads = out.signals["medusa"]  # [rows, new, n_medusa, vocab]
+    at = heads[torch.arange(heads.shape[0], device=heads.device), position]
+    return at[:, :n].float().argmax(-1)
+
+
+def _decode_speculative(omodel, input_ids, mask, max_new_tokens, guide: Speculative, eos_token_id,
+                        pad_token_id) -> GenerateOutput:
+    dec = decoder(omodel)
+    n = guide.n_draft or omodel.spec.n_medusa
+    eos, pad = _eos_and_pad(omodel, eos_token_id, pad_token_id)
+    eos = eos.to(input_ids.device)
+    rows = input_ids.shape[0]
+    row_ids = torch.arange(rows, device=input_ids.device)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        out, state = dec.start(input_ids, mask)
+        forwards, verifies, accepted_total = 1, 0, 0
+        nxt = out.logits[:, -1].float().argmax(-1)  # the base's greedy token: always right
+        drafts = _draft(out, torch.full((rows,), out.logits.shape[1] - 1, device=input_ids.device), n)
+        tokens: list[torch.Tensor] = []
+        unfinished = torch.ones(rows, dtype=torch.bool, device=input_ids.device)
+        while len(tokens) < max_new_tokens and bool(unfinished.any()):
+            chain = torch.cat([nxt[:, None], drafts], 1)  # [rows, 1 + n]
+            length = state.mask.shape[1]
+            vout, vstate = dec.verify(chain, state)
+            forwards, verifies = forwards + 1, verifies + 1
+            pred = vout.logits.float().argmax(-1)  # pred[:, i]: the base's token after chain[:, :i + 1]
+            match = (pred[:, :n] == drafts).long().cumprod(1).sum(1)  # drafts each row accepts, in order
+            accept = int(match[unfinished].min())  # rows keep the same count: caches stay aligned
+            accepted_total += accept
+            for tok in chain[:, :1 + accept].unbind(1):
+                if len(tokens) == max_new_tokens or not bool(unfinished.any()):
+                    break
+                if pad is not None:
+                    tok = torch.where(unfinished, tok, torch.full_like(tok, pad))
+                tokens.append(tok)
+                if eos.numel():
+                    unfinished &= ~torch.isin(tok, eos)
+            state = vstate.truncate(length + 1 + accept)
+            nxt = pred[row_ids, accept]
+            drafts = _draft(vout, torch.full((rows,), accept, device=input_ids.device), n)
+    seconds = time.perf_counter() - t0
+    base_bytes, inserted_bytes = state.cache_bytes()
+    stats = {"forwards": forwards, "new_tokens": len(tokens), "seconds": seconds, "cached": dec.cached,
+             "cache_bytes": base_bytes, "inserted_cache_bytes": inserted_bytes, "drafted": verifies * n,
+             "accepted": accepted_total, "mean_accepted_length": (accepted_total + verifies) / max(verifies, 1),
+             "forwards_per_token": forwards / max(len(tokens), 1)}
+    sequences = torch.cat([input_ids, torch.stack(tokens, 1)], 1)
+    return GenerateOutput(sequences, None, stats=stats)

@@ -55,6 +55,14 @@ class DecodeState:
                            {i: t[index] for i, t in self.inserted.items()},
                            None if self.tokens is None else self.tokens[index])
 
+    def truncate(self, length: int) -> "DecodeState":
+        """The state after the first `length` tokens (a speculative step rolls back its rejected drafts): cache
+        entries (base and inserted, sequence axis 2) and mask cut, the last position moved back."""
+        drop = self.mask.shape[1] - length
+        return DecodeState(self.mask[:, :length], self.last_position - drop, [t[:, :, :length] for t in self.cache],
+                           {i: t[:, :, :length] for i, t in self.inserted.items()},
+                           None if self.tokens is None else self.tokens[:, :length])
+
     def cache_bytes(self) -> tuple[int, int]:
         """(base cache bytes, inserted cache bytes)."""
         size = lambda ts: sum(t.numel() * t.element_size() for t in ts)  # noqa: E731
@@ -133,8 +141,10 @@ class CachedDecoder:
         return self.graphs[key]
 
     # -- running ------------------------------------------------------------------------------------------
-    def _run(self, tokens: torch.Tensor, state: DecodeState, positions: torch.Tensor) -> tuple[StepOutput, DecodeState]:
-        kind = "prefill" if state.cache[0].shape[2] == 0 else "one" if tokens.shape[1] == 1 else "several"
+    def _run(self, tokens: torch.Tensor, state: DecodeState, positions: torch.Tensor,
+             kind: str | None = None) -> tuple[StepOutput, DecodeState]:
+        if kind is None:
+            kind = "prefill" if state.cache[0].shape[2] == 0 else "one" if tokens.shape[1] == 1 else "several"
         g = self.graph(kind, masked=not bool(state.mask.all()))
         inserted = [state.inserted[i] for i in g.inserted_order]
         values = g.run(tokens, state.mask, positions, *state.cache, *inserted)
@@ -163,12 +173,17 @@ class CachedDecoder:
         return self._run(input_ids, self.empty_state(attention_mask), _positions(attention_mask))
 
     @torch.no_grad()
-    def step(self, tokens: torch.Tensor, state: DecodeState) -> tuple[StepOutput, DecodeState]:
+    def step(self, tokens: torch.Tensor, state: DecodeState, kind: str | None = None) -> tuple[StepOutput, DecodeState]:
         """Feed `tokens` [rows, new] after the state's tokens (their mask entries are 1)."""
         new = tokens.shape[1]
         mask = torch.cat([state.mask, state.mask.new_ones(tokens.shape[0], new)], 1)
         positions = state.last_position + torch.arange(1, new + 1, device=tokens.device)
-        return self._run(tokens, replace(state, mask=mask), positions)
+        return self._run(tokens, replace(state, mask=mask), positions, kind)
+
+    def verify(self, tokens: torch.Tensor, state: DecodeState) -> tuple[StepOutput, DecodeState]:
+        """Like `step`, but the output keeps every new position (logits [rows, new, vocab]): a drafted chain is
+        checked in one forward. `DecodeState.truncate` then drops the rejected positions."""
+        return self.step(tokens, state, kind="verify")
 
     def reference_step(self, tokens, mask, positions, cache) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """The base model's own cached step (eager transformers code, called as generate calls it: no mask
@@ -193,7 +208,7 @@ class CachedDecoder:
         with torch.no_grad(), eval_mode(g.reference.m):
             empty = [torch.zeros(rows, h, 0, d, dtype=g.dtype, device=self.device) for h, d in g.cache_shapes]
             past = empty
-            if kind in ("one", "several"):  # a past from the eager model, then one or three tokens
+            if kind in ("one", "several", "verify"):  # a past from the eager model, then one or three tokens
                 _, *past = g.reference(ids, mask, _positions(mask), empty)
                 n = 1 if kind == "one" else 3
                 ids, mask = ids[:, :n], torch.cat([mask, mask.new_ones(rows, n)], 1)
@@ -222,7 +237,10 @@ class RecomputeStepDecoder(CachedDecoder):
     cached = False
     first_kind = "recompute"
 
-    def _run(self, tokens, state, positions):
+    def _run(self, tokens, state, positions, kind=None):
+        if kind == "verify":
+            raise OtterError("speculative decoding checks every drafted position, but this model returns no KV "
+                             "cache and its decode step keeps only the last position's logits")
         seq = torch.cat([state.tokens, tokens], 1)  # the whole sequence so far, read again every step
         g = self.graph("recompute", masked=not bool(state.mask.all()))
         values = g.run(seq, state.mask, _positions(state.mask))
@@ -264,6 +282,8 @@ class RecomputeDecoder:
     def step(self, tokens, state):
         mask = torch.cat([state.mask, state.mask.new_ones(tokens.shape)], 1)
         return self._run(replace(state, mask=mask, tokens=torch.cat([state.tokens, tokens], 1)), tokens.shape[1])
+
+    verify = step  # the full graph returns every position's logits
 
 
 def decoder(omodel: OtterModel) -> CachedDecoder | RecomputeDecoder:

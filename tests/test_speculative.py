@@ -1,0 +1,106 @@
+"""Speculative decoding with the inserted medusa heads (guide=otter.Speculative()).
+
+What is compared with what: the tokens of Speculative() vs this library's own unguided greedy decode
+(guide=None, itself equal to transformers' generate). A verify step scores several positions in one forward,
+whose logits may differ from one-token steps in the last bits; the tests check the tokens are the same.
+Random heads rarely draft right, so drafts are also made right (or partly right) by construction: the
+verifier's own future greedy tokens, fed in place of the heads' drafts, so that acceptance and rollback run.
+"""
+import importlib
+
+import pytest
+import torch
+
+import otter_surgery as otter
+from otter_surgery.stepper import decoder
+
+gen = importlib.import_module("otter_surgery.generate")  # the module (otter.generate is the function)
+
+SPEC = otter.InsertSpec(extra_dim=8, extra_heads=3, extra_ffn=8, signal="medusa", n_medusa=3)
+
+
+@pytest.fixture(scope="module")
+def medusa_model(tiny_llama):
+    return otter.insert(tiny_llama, SPEC)  # its decode-step graphs are built once, for every test here
+
+
+def _batch(rows=3, length=7, seed=0):
+    ids = torch.randint(3, 61, (rows, length), generator=torch.Generator().manual_seed(seed))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    if rows > 2:
+        mask[2, :1] = 0
+    return ids, mask
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_speculative_tokens_equal_greedy_with_the_heads_own_drafts(medusa_model, rows):
+    omodel = medusa_model
+    ids, mask = _batch(rows)
+    want = otter.generate(omodel, ids, attention_mask=mask, max_new_tokens=12, eos_token_id=[])
+    got = otter.generate(omodel, ids, attention_mask=mask, max_new_tokens=12, eos_token_id=[], guide=otter.Speculative())
+    assert torch.equal(got.sequences, want.sequences)
+    assert got.stats["new_tokens"] == 12 and got.stats["mean_accepted_length"] >= 1.0
+
+
+@pytest.mark.parametrize("wrong_at", [None, 0, 1, 2])
+@pytest.mark.parametrize("rows", [1, 3])
+def test_accepted_and_rejected_drafts_roll_back_to_the_greedy_tokens(medusa_model, monkeypatch, rows, wrong_at):
+    omodel = medusa_model
+    ids, mask = _batch(rows, seed=rows)
+    new = 13
+    want = otter.generate(omodel, ids, attention_mask=mask, max_new_tokens=new + 8, eos_token_id=[]).sequences
+    seen = {"length": None}
+    real_verify = type(decoder(omodel)).verify
+
+    def verify(self, tokens, state):  # remember where the chain starts, to look the oracle drafts up
+        seen["length"] = state.mask.shape[1]
+        return real_verify(self, tokens, state)
+
+    def draft(out, position, n):
+        start = ids.shape[1] if seen["length"] is None else seen["length"] + 1 + int(position[0])
+        d = want[:, start + 1:start + 1 + n].clone()  # the tokens after the greedy token at `start`
+        if wrong_at is not None:
+            d[:, wrong_at] = (d[:, wrong_at] + 1) % 61
+        return d
+
+    monkeypatch.setattr(type(decoder(omodel)), "verify", verify)
+    monkeypatch.setattr(gen, "_draft", draft)
+    got = otter.generate(omodel, ids, attention_mask=mask, max_new_tokens=new, eos_token_id=[], guide=otter.Speculative())
+    assert torch.equal(got.sequences, want[:, :ids.shape[1] + new]), (rows, wrong_at)
+    accepted_per_verify = 3 if wrong_at is None else wrong_at
+    assert got.stats["mean_accepted_length"] == pytest.approx(1 + accepted_per_verify, abs=0.8)
+    assert got.stats["forwards"] < new if wrong_at != 0 else got.stats["forwards"] == new + 1
+
+
+def test_rollback_keeps_the_cache_of_the_accepted_tokens(medusa_model):
+    """After verifying a chain and keeping its first tokens, the cache holds exactly the accepted positions:
+    the same shapes, mask and positions as a fresh decode, and values equal up to the last bits (a several-token
+    step computes them with other GEMM shapes than one-token steps)."""
+    ids, mask = _batch(2)
+    dec = decoder(medusa_model)
+    out, state = dec.start(ids, mask)
+    chain = torch.randint(3, 61, (2, 4), generator=torch.Generator().manual_seed(5))
+    _, verified = dec.verify(chain, state)
+    kept = verified.truncate(state.mask.shape[1] + 2)
+    fresh = state
+    for j in range(2):
+        _, fresh = dec.step(chain[:, j:j + 1], fresh)
+    assert torch.equal(kept.mask, fresh.mask) and torch.equal(kept.last_position, fresh.last_position)
+    for a, b in zip(kept.cache + list(kept.inserted.values()), fresh.cache + list(fresh.inserted.values())):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b)
+
+
+def test_speculative_needs_the_medusa_signal_and_enough_heads(tiny_llama, medusa_model):
+    ids, mask = _batch(1)
+    reward = otter.insert(tiny_llama, otter.InsertSpec(extra_dim=8, extra_heads=3, extra_ffn=8))
+    with pytest.raises(ValueError, match="medusa"):
+        otter.generate(reward, ids, attention_mask=mask, guide=otter.Speculative())
+    omodel = medusa_model
+    with pytest.raises(ValueError, match="n_medusa=3"):
+        otter.generate(omodel, ids, attention_mask=mask, guide=otter.Speculative(n_draft=5))
+    with pytest.raises(ValueError, match="greedy"):
+        otter.generate(omodel, ids, attention_mask=mask, guide=otter.Speculative(), do_sample=True)
+    with pytest.raises(ValueError, match="n_draft"):
+        otter.Speculative(n_draft=0)
