@@ -304,9 +304,7 @@ def _args_step(dec, out: StepOutput, state: DecodeState, logits: torch.Tensor, g
 
 def _draft(out: StepOutput, position: torch.Tensor, n: int) -> torch.Tensor:
     """The medusa heads' drafts [rows, n] read at `position` [rows] of a step's output (head k: token t+k+2)."""
-    heads = out.signals["medusa"]  # [rows, new, n_medusa, vocab]
-    at = heads[torch.arange(heads.shape[0], device=heads.device), position]
-    return at[:, :n].float().argmax(-1)
+    return out.medusa_logits(position)[:, :n].float().argmax(-1)
 
 
 def _decode_speculative(omodel, input_ids, mask, max_new_tokens, guide: Speculative, eos_token_id,

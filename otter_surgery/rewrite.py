@@ -49,6 +49,8 @@ class Rewrite:
         # norm_stats="wide": an original statistic over the widened axis (and what is computed from it, e.g.
         # rsqrt(mean + eps)) -> the same statistic over [x ; x_e]. Only companions read shadows.
         self.shadows: dict[fx.Node, fx.Node] = {}
+        # tied vocab heads: head name -> (projections [..., k, d], output-matrix node, stored transposed)
+        self.vocab_readout: dict[str, tuple[fx.Node, fx.Node, bool]] = {}
 
     # -- nodes ---------------------------------------------------------------------------------------------
     def at(self, node: fx.Node) -> None:

@@ -19,6 +19,7 @@ import torch.fx as fx
 
 from .capture import eval_mode, capture_step
 from .errors import CaptureError, OtterError
+from .graph_utils import get_attr_tensor
 from .model import OtterModel
 from .passes.merge_side_gemms import GemmStore, merge_side_gemms
 from .verify import bits_equal
@@ -33,9 +34,19 @@ class StepOutput:
 
     logits: torch.Tensor
     signals: dict[str, torch.Tensor]
+    # Tied medusa heads in a decode step: signals["medusa"] holds their projections [rows, new, K, d] and this
+    # [vocab, d] matrix reads them out, for the one position speculative decoding needs (K x vocab x d
+    # multiply-adds instead of K x new x vocab x d).
+    medusa_readout: torch.Tensor | None = None
 
     def rows(self, index: torch.Tensor) -> "StepOutput":
-        return StepOutput(self.logits[index], {k: v[index] for k, v in self.signals.items()})
+        return StepOutput(self.logits[index], {k: v[index] for k, v in self.signals.items()}, self.medusa_readout)
+
+    def medusa_logits(self, position: torch.Tensor) -> torch.Tensor:
+        """The medusa heads' logits [rows, K, vocab] at `position` [rows] of this step's new tokens."""
+        heads = self.signals["medusa"]
+        at = heads[torch.arange(heads.shape[0], device=heads.device), position]
+        return at if self.medusa_readout is None else at @ self.medusa_readout.t()
 
 
 @dataclass
@@ -84,6 +95,7 @@ class _StepGraph:
         self.gm = captured.graph_module
         ctx = rewrite(self.gm, omodel.spec, freeze=False)
         _share_inserted(omodel, self.gm, ctx.param_names)
+        self.readout = _medusa_projections_out(self.gm, ctx)
         self.merged = merge_side_gemms(self.gm, store)
         self.run = self.gm
         self.reference = captured.reference
@@ -91,6 +103,22 @@ class _StepGraph:
         self.layout = list(self.gm.meta.get("otter_cache", []))
         holders = [n for n in self.gm.graph.nodes if n.op == "placeholder"]
         self.inserted_order = [n.meta["otter_cache_companion"] for n in holders if "otter_cache_companion" in n.meta]
+
+
+def _medusa_projections_out(gm: fx.GraphModule, ctx) -> torch.Tensor | None:
+    """In a decode step, return the tied medusa heads' projections instead of their logits at every new
+    position (the vocab matmul is then dead code): speculative decoding reads one position per step."""
+    if "medusa" not in ctx.signal_nodes or "medusa_heads" not in ctx.vocab_readout:
+        return None
+    z, weight, transposed = ctx.vocab_readout["medusa_heads"]
+    w = get_attr_tensor(gm, weight)
+    if w is None:
+        return None  # an output matrix computed in the graph: keep the heads' logits as they are
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    out.args = (tuple(z if a is ctx.signal_nodes["medusa"] else a for a in out.args[0]),)
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    return w.t() if transposed else w
 
 
 def _contiguous_inputs(compiled):
@@ -149,7 +177,7 @@ class CachedDecoder:
         inserted = [state.inserted[i] for i in g.inserted_order]
         values = g.run(tokens, state.mask, positions, *state.cache, *inserted)
         n_sig, n_cache = len(self.signals), len(state.cache)
-        out = StepOutput(values[0], dict(zip(self.signals, values[1:1 + n_sig])))
+        out = StepOutput(values[0], dict(zip(self.signals, values[1:1 + n_sig])), g.readout)
         cache = list(values[1 + n_sig:1 + n_sig + n_cache])
         inserted = {i: t for (i, _, _), t in zip(g.layout, values[1 + n_sig + n_cache:])}
         return out, DecodeState(state.mask, positions[:, -1:], cache, inserted)

@@ -84,6 +84,7 @@ class SignalHeads(PassBase):
         # [..., k, d] through the output matrix (stored [vocab, d], or [d, vocab] for Conv1D-style addmm)
         w = ctx.emit(aten.t.default, (info.weight,)) if not info.transposed else info.weight
         y = ctx.emit(aten.matmul.default, (z, w))
+        ctx.vocab_readout[name] = (z, info.weight, info.transposed)  # a decoder may read out one position only
         return ctx.emit(aten.flatten.using_ints, (y, -2, -1))
 
     def ensures(self, gm: fx.GraphModule) -> None:

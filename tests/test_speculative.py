@@ -104,3 +104,19 @@ def test_speculative_needs_the_medusa_signal_and_enough_heads(tiny_llama, medusa
         otter.generate(omodel, ids, attention_mask=mask, guide=otter.Speculative(), do_sample=True)
     with pytest.raises(ValueError, match="n_draft"):
         otter.Speculative(n_draft=0)
+
+
+def test_decode_steps_read_the_medusa_heads_out_at_one_position(medusa_model):
+    """A decode step returns the tied heads' projections and reads the vocabulary out only where asked; that
+    equals the full forward's medusa logits at the same position (up to the last bits: other GEMM shapes)."""
+    ids, mask = _batch(2)
+    dec = decoder(medusa_model)
+    out, state = dec.start(ids, mask)
+    chain = torch.randint(3, 61, (2, 4), generator=torch.Generator().manual_seed(7))
+    vout, _ = dec.verify(chain, state)
+    assert vout.medusa_readout is not None and vout.signals["medusa"].shape[-1] == 24  # projections, width d
+    with torch.no_grad():
+        full = medusa_model(input_ids=torch.cat([ids, chain], 1),
+                            attention_mask=torch.cat([mask, torch.ones_like(chain)], 1)).medusa
+    for p in range(4):
+        torch.testing.assert_close(vout.medusa_logits(torch.full((2,), p)), full[:, ids.shape[1] + p])
