@@ -231,13 +231,8 @@ def _wide_statistic(ctx: Context, node: fx.Node, src: fx.Node, c: Comp) -> None:
     if ctx.spec.norm_stats != "wide" or name not in ("mean", "sum") or val(node) is None:
         return
     keep = node.args[2] if len(node.args) > 2 and isinstance(node.args[2], bool) else node.kwargs.get("keepdim", False)
-    s_e = ctx.emit(aten.sum.dim_IntList, (c.node, [c.axis], keep), {"dtype": val(node).dtype})
-    if name == "sum":
-        ctx.shadows[node] = ctx.emit(aten.add.Tensor, (node, s_e))
-        return
-    n = numeric_shape([shape(src)[c.axis]])[0]
-    total = ctx.emit(aten.add.Tensor, (ctx.emit(aten.mul.Tensor, (node, n)), s_e))
-    ctx.shadows[node] = ctx.emit(aten.div.Tensor, (total, n + c.size))
+    wide = ctx.emit(aten.cat.default, ([src, c.node], c.axis))  # two ops per statistic: few ops per decode step
+    ctx.shadows[node] = ctx.emit(node.target, (wide, [c.axis], keep), dict(node.kwargs))
 
 
 def propagate_shadow(ctx: Context, node: fx.Node) -> fx.Node | None:
