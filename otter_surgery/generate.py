@@ -288,15 +288,23 @@ def _scores(logits: torch.Tensor, out: StepOutput, guide) -> torch.Tensor:
     return torch.full_like(logits, float("-inf")).scatter(-1, cand, score)
 
 
-def _args_step(dec, out: StepOutput, state: DecodeState, logits: torch.Tensor, guide: RewardGuided, choose):
-    """One ARGS step with a scalar reward: the top-k candidates of every row run as k rows of one cached
-    forward; the winner's row (cache, next logits) carries on."""
-    rows, k = logits.shape[0], guide.top_k
+def _score_candidates(dec, state: DecodeState, logits: torch.Tensor, k: int):
+    """The base's top-k candidates of every row, each read by the reward head as k rows of one cached step:
+    (top logits, candidates, rewards [rows, k], that step's output and state, k rows per prompt row)."""
+    rows = logits.shape[0]
     top, cand = logits.topk(k, dim=-1)
     expand = torch.arange(rows, device=logits.device).repeat_interleave(k)
     out_k, state_k = dec.step(cand.reshape(-1, 1), state.select(expand))
     reward = _reward(out_k)
     reward = (reward if reward.dim() == 1 else reward[:, 0]).float().view(rows, k)
+    return top, cand, reward, out_k, state_k
+
+
+def _args_step(dec, out: StepOutput, state: DecodeState, logits: torch.Tensor, guide: RewardGuided, choose):
+    """One ARGS step with a scalar reward: the top-k candidates of every row run as k rows of one cached
+    forward; the winner's row (cache, next logits) carries on."""
+    rows, k = logits.shape[0], guide.top_k
+    top, cand, reward, out_k, state_k = _score_candidates(dec, state, logits, k)
     j = choose(top + guide.weight * reward)
     pick = torch.arange(rows, device=logits.device) * k + j
     return cand.gather(1, j[:, None]).squeeze(1), reward.gather(1, j[:, None]).squeeze(1), out_k.rows(pick), state_k.select(pick)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from transformers import LogitsProcessor
 
-from .generate import Calibrated, RewardGuided, _reward, _scores, _signal_of
+from .generate import Calibrated, RewardGuided, _score_candidates, _scores, _signal_of
 from .model import OtterModel
 from .stepper import DecodeState, decoder
 
@@ -54,9 +54,5 @@ class GuideLogitsProcessor(LogitsProcessor):
         logits = scores.float()
         if not self.scalar:
             return _scores(logits, out, self.guide)
-        top, cand = logits.topk(self.guide.top_k, dim=-1)
-        expand = torch.arange(rows, device=logits.device).repeat_interleave(self.guide.top_k)
-        out_k, _ = dec.step(cand.reshape(-1, 1), self.state.select(expand))
-        reward = _reward(out_k)
-        reward = (reward if reward.dim() == 1 else reward[:, 0]).float().view(rows, -1)
+        top, cand, reward, _, _ = _score_candidates(dec, self.state, logits, self.guide.top_k)
         return torch.full_like(logits, float("-inf")).scatter(-1, cand, top + self.guide.weight * reward)
