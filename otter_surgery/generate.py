@@ -25,7 +25,6 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from .model import OtterModel
 from .stepper import DecodeState, StepOutput, decoder
