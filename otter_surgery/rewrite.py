@@ -12,7 +12,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from . import init as inits
+from . import initialize as inits
 from .analyze import Analysis, Width
 from .errors import OtterError, UnsupportedGraphError, module_path
 from .graph_utils import get_attr_tensor

@@ -10,7 +10,7 @@ import torch
 import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from otter_surgery import init as inits
+from otter_surgery import initialize as inits
 from otter_surgery.graph_utils import get_attr_tensor, ndim
 from otter_surgery.oprules import Comp
 from otter_surgery.rewrite import Rewrite

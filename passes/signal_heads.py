@@ -14,7 +14,7 @@ import torch
 import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from otter_surgery import init as inits
+from otter_surgery import initialize as inits
 from otter_surgery.errors import UnsupportedGraphError
 from otter_surgery.graph_utils import shape, val
 from otter_surgery.rewrite import Rewrite

@@ -2,7 +2,7 @@
 import torch
 
 import otter_surgery as otter
-from otter_surgery.init import spread_index
+from otter_surgery.initialize import spread_index
 
 
 def test_spread_index_keeps_heads_whole():
