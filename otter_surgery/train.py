@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .data import batched, last_token_index, pad
+from .data import as_examples, batched, last_token_index, pad
 from .errors import OtterError
 from .model import OtterModel
 
@@ -121,11 +121,16 @@ def evaluate(omodel: OtterModel, data: list[dict], objective: str, *, batch_size
     return {k: v / max(n, 1) for k, v in totals.items()}
 
 
-def train(omodel: OtterModel, data: list[dict], objective: str = "pairwise", *, eval_data: list[dict] | None = None,
+def train(omodel: OtterModel, data: list[dict] | str, objective: str = "pairwise", *,
+          eval_data: list[dict] | str | None = None, tokenizer=None,
           steps: int = 100, batch_size: int = 8, grad_accum: int = 1, lr: float = 1e-3, weight_decay: float = 0.0,
           bf16: bool = False, seed: int = 0, eval_every: int = 0, patience: int = 0, pad_id: int = 0,
           alpha: float = 1.0, progress: bool = True) -> TrainResult:
     """AdamW over the inserted parameters only, `steps` optimizer steps of `batch_size * grad_accum` examples.
+
+    data / eval_data: lists of example dicts (see the module docstring) or JSONL paths (otter_surgery.data.
+    load_jsonl; text fields are tokenized with `tokenizer`). Every example is checked before the first step
+    (missing fields, NaN/inf labels), so a bad one fails at once, naming its line or index.
 
     eval_every > 0 evaluates on eval_data every that many steps (and at the end); patience > 0 stops early
     when the eval loss has not improved for that many evaluations. bf16 runs forward/backward under
@@ -136,6 +141,9 @@ def train(omodel: OtterModel, data: list[dict], objective: str = "pairwise", *, 
     if _NEEDS[objective] not in omodel.spec.signals:
         raise OtterError(f"objective {objective!r} trains the {_NEEDS[objective]!r} signal, but the spec inserted "
                          f"{omodel.spec.signals}; insert with signal including {_NEEDS[objective]!r}")
+    data = as_examples(data, objective, tokenizer)
+    if eval_data is not None:
+        eval_data = as_examples(eval_data, objective, tokenizer)
     if not data:
         raise ValueError("no training examples")
     params = list(omodel.inserted_parameters().values())
