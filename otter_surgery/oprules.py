@@ -11,6 +11,7 @@ the original dims only). A new op is a new entry in RULES, never a new branch el
 """
 from __future__ import annotations
 
+import functools
 import operator
 from dataclasses import dataclass, replace
 from fractions import Fraction
@@ -19,7 +20,7 @@ from typing import Callable, Protocol
 import torch
 import torch.fx as fx
 
-from .errors import UnsupportedGraphError
+from .errors import OtterError, UnsupportedGraphError
 from .graph_utils import frac_int, get_attr_tensor, ndim, numeric_shape, op_name, product, reshape_groups, shape, val
 
 aten = torch.ops.aten
@@ -82,11 +83,28 @@ RULES: dict[str, Callable[[Context, fx.Node], Comp | None]] = {}
 
 
 def rule(*names: str):
+    """Register `fn` for the aten ops `names`. The registry holds a guarded wrapper: a rule that trips over a
+    pattern it did not foresee (an IndexError on an odd shape, ...) becomes an UnsupportedGraphError naming
+    the node, its module and the rule, never a bare exception from inside the engine."""
     def register(fn):
+        guarded = _guarded(fn)
         for n in names:
-            RULES[n] = fn
+            RULES[n] = guarded
         return fn
     return register
+
+
+def _guarded(fn):
+    @functools.wraps(fn)
+    def run(ctx, node: fx.Node):
+        try:
+            return fn(ctx, node)
+        except OtterError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any other failure is a pattern the rule does not cover
+            raise UnsupportedGraphError(
+                node, f"the '{fn.__name__}' rule does not cover this pattern ({type(exc).__name__}: {exc})") from exc
+    return run
 
 
 def _fail(node: fx.Node, reason: str):
@@ -432,6 +450,8 @@ def cat(ctx: Context, node: fx.Node) -> Comp | None:
     for t in tensors:
         if t in ctx.comps:
             parts.append(ctx.comps[t].node)
+        elif val(t) is not None and tuple(val(t).shape) == (0,):
+            continue  # torch.cat skips a 1-D empty tensor of any width (XLM's "no past keys yet"): so do we
         elif "otter_cache_input" in t.meta:
             # A KV-cache update (past keys ++ new keys): the inserted heads keep their own past, a new input.
             parts.append(ctx.cache_companion(t, c))
