@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from . import distributed
 from .data import as_examples, batched, last_token_index, pad
 from .errors import OtterError
 from .model import OtterModel
@@ -31,6 +32,8 @@ from .model import OtterModel
 OBJECTIVES = ("regression", "pairwise", "calibration", "medusa", "genarm")
 _NEEDS = {"regression": "reward", "pairwise": "reward", "calibration": "calibration", "medusa": "medusa",
           "genarm": "calibration"}
+_METRIC = {"regression": "mse", "pairwise": "pair_accuracy", "calibration": "ce", "medusa": "ce",
+           "genarm": "pair_accuracy"}  # the metric batch_loss reports beside the loss
 
 
 @dataclass
@@ -110,22 +113,41 @@ def batch_loss(omodel: OtterModel, examples: list[dict], objective: str, *, pad_
 def evaluate(omodel: OtterModel, data: list[dict], objective: str, *, batch_size: int = 16, pad_id: int = 0,
              alpha: float = 1.0) -> dict:
     """Mean loss and metrics over `data`, weighted by batch size, without gradients."""
+    totals, n = _eval_sums(omodel, data, objective, batch_size=batch_size, pad_id=pad_id, alpha=alpha)
+    return {k: v / max(n, 1) for k, v in totals.items()}
+
+
+def _eval_sums(omodel, data: list[dict], objective: str, **kw) -> tuple[dict[str, float], int]:
+    """Sums of loss and metrics over `data` (each batch's mean times its size) and the example count."""
     totals: dict[str, float] = {}
     n = 0
     with torch.no_grad():
-        for chunk in batched(data, batch_size):
-            loss, metrics = batch_loss(omodel, chunk, objective, pad_id=pad_id, alpha=alpha)
+        for chunk in batched(data, kw.pop("batch_size")):
+            loss, metrics = batch_loss(omodel, chunk, objective, **kw)
             for k, v in {"loss": loss.item(), **metrics}.items():
                 totals[k] = totals.get(k, 0.0) + v * len(chunk)
             n += len(chunk)
-    return {k: v / max(n, 1) for k, v in totals.items()}
+    return totals, n
+
+
+def _evaluate_sharded(accelerator, omodel, data: list[dict], objective: str, **kw) -> dict:
+    """evaluate() with `data` split over the processes (rank r scores data[r::world]), summed with
+    accelerate's reduce: every rank gets the same means, over the whole eval set."""
+    if accelerator is None:
+        return evaluate(omodel, data, objective, **kw)
+    totals, n = _eval_sums(omodel, data[accelerator.process_index::accelerator.num_processes], objective, **kw)
+    keys = ["loss", _METRIC[objective]]  # by name, not from `totals`: a rank's shard may be empty
+    local = torch.tensor([totals.get(k, 0.0) for k in keys] + [float(n)], dtype=torch.float64,
+                         device=accelerator.device)
+    summed = accelerator.reduce(local, reduction="sum").tolist()
+    return {k: v / max(summed[-1], 1.0) for k, v in zip(keys, summed[:-1])}
 
 
 def train(omodel: OtterModel, data: list[dict] | str, objective: str = "pairwise", *,
           eval_data: list[dict] | str | None = None, tokenizer=None,
           steps: int = 100, batch_size: int = 8, grad_accum: int = 1, lr: float = 1e-3, weight_decay: float = 0.0,
           bf16: bool = False, seed: int = 0, eval_every: int = 0, patience: int = 0, pad_id: int = 0,
-          alpha: float = 1.0, progress: bool = True) -> TrainResult:
+          alpha: float = 1.0, progress: bool = True, accelerator=None) -> TrainResult:
     """AdamW over the inserted parameters only, `steps` optimizer steps of `batch_size * grad_accum` examples.
 
     data / eval_data: lists of example dicts (see the module docstring) or JSONL paths (otter_surgery.data.
@@ -135,6 +157,14 @@ def train(omodel: OtterModel, data: list[dict] | str, objective: str = "pairwise
     eval_every > 0 evaluates on eval_data every that many steps (and at the end); patience > 0 stops early
     when the eval loss has not improved for that many evaluations. bf16 runs forward/backward under
     CPU/GPU autocast. Seeded: the same call gives the same result.
+
+    Under `accelerate launch` (DDP; detected from the launcher's WORLD_SIZE, or pass your own `accelerator`)
+    the same call trains data-parallel: `batch_size` is per process, as TRL's per_device_train_batch_size, so
+    one optimizer step sees batch_size * num_processes * grad_accum examples. Every rank draws the same
+    shuffled global batch and takes its own contiguous slice of it, so N processes with batch_size b follow
+    the single-process run with batch_size N*b (same examples per step, gradients averaged by all-reduce).
+    Only the inserted parameters are synchronized; losses and evaluations are reduced over all ranks, so
+    every rank returns the same TrainResult.
     """
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
@@ -148,6 +178,23 @@ def train(omodel: OtterModel, data: list[dict] | str, objective: str = "pairwise
         raise ValueError("no training examples")
     params = list(omodel.inserted_parameters().values())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    accelerator = distributed.accelerator_for(accelerator)
+    model, rank, world = omodel, 0, 1  # model: what the forward runs through (the DDP wrapper when distributed)
+    if accelerator is not None:
+        model, opt = distributed.prepare(accelerator, omodel, opt)
+        rank, world = accelerator.process_index, accelerator.num_processes
+    try:
+        return _loop(omodel, model, opt, accelerator, rank, world, params, data, objective, eval_data=eval_data,
+                     steps=steps, batch_size=batch_size, grad_accum=grad_accum, bf16=bf16, seed=seed,
+                     eval_every=eval_every, patience=patience, progress=progress, kw=dict(pad_id=pad_id, alpha=alpha))
+    finally:
+        if accelerator is not None:
+            distributed.release(omodel)
+
+
+def _loop(omodel, model, opt, accelerator, rank: int, world: int, params, data, objective, *, eval_data, steps,
+          batch_size, grad_accum, bf16, seed, eval_every, patience, progress, kw) -> TrainResult:
+    """The optimizer steps of train(); `model` is `omodel` or its DDP wrapper."""
     rng = random.Random(seed)
     torch.manual_seed(seed)
     device_type = params[0].device.type
@@ -155,29 +202,40 @@ def train(omodel: OtterModel, data: list[dict] | str, objective: str = "pairwise
     result = TrainResult(losses=[])
     best, stale = math.inf, 0
     order: list[int] = []
-    bar = _progress(steps, progress)
+    bar = _progress(steps, progress and rank == 0)
+    per_step = batch_size * world  # the global micro-batch: every rank draws it, each trains on its slice
     t0 = time.perf_counter()
     for step in range(1, steps + 1):
         opt.zero_grad(set_to_none=True)
-        total = 0.0
-        for _ in range(grad_accum):
-            if len(order) < batch_size:
+        total = torch.zeros((), dtype=torch.float64)
+        for micro in range(grad_accum):
+            while len(order) < per_step:  # `while`: a data set smaller than one global batch wraps around
                 fresh = list(range(len(data)))
                 rng.shuffle(fresh)
                 order += fresh
-            chunk, order = [data[i] for i in order[:batch_size]], order[batch_size:]
-            with autocast:
-                loss, _ = batch_loss(omodel, chunk, objective, pad_id=pad_id, alpha=alpha)
-            (loss / grad_accum).backward()
-            total += loss.item() / grad_accum
+            chunk, order = [data[i] for i in order[:per_step]], order[per_step:]
+            chunk = chunk[rank * batch_size:(rank + 1) * batch_size]
+            # all-reduce the gradients once per optimizer step, on its last micro-batch
+            with distributed.no_sync(accelerator, model, sync=micro == grad_accum - 1):
+                with autocast:
+                    loss, _ = batch_loss(model, chunk, objective, **kw)
+                if accelerator is not None:
+                    accelerator.backward(loss / grad_accum)
+                else:
+                    (loss / grad_accum).backward()
+            total += loss.detach().double().cpu() / grad_accum
         opt.step()
+        if accelerator is not None:  # the mean over ranks: the global batch's loss (equal slices)
+            total = accelerator.reduce(total.to(accelerator.device), reduction="mean").cpu()
+        total = total.item()
         result.losses.append(total)
         result.steps = step
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{total:.4f}")
         if eval_data and eval_every and (step % eval_every == 0 or step == steps):
-            ev = {"step": step, **evaluate(omodel, eval_data, objective, batch_size=batch_size, pad_id=pad_id, alpha=alpha)}
+            ev = {"step": step, **_evaluate_sharded(accelerator, omodel, eval_data, objective, batch_size=batch_size,
+                                                    **kw)}
             result.evals.append(ev)
             if ev["loss"] < best - 1e-6:
                 best, stale = ev["loss"], 0
@@ -189,8 +247,8 @@ def train(omodel: OtterModel, data: list[dict] | str, objective: str = "pairwise
     if bar is not None:
         bar.close()
     if eval_data and not eval_every:
-        result.evals.append({"step": result.steps, **evaluate(omodel, eval_data, objective, batch_size=batch_size,
-                                                              pad_id=pad_id, alpha=alpha)})
+        result.evals.append({"step": result.steps, **_evaluate_sharded(accelerator, omodel, eval_data, objective,
+                                                                       batch_size=batch_size, **kw)})
     result.seconds = time.perf_counter() - t0
     return result
 

@@ -1,0 +1,80 @@
+"""Training under `accelerate launch` (DDP, and what `accelerate config` sets up): the glue `otter.train` uses.
+
+Nothing here launches processes or builds process groups: accelerate's launcher does, and `Accelerator` reads
+what it set. Under DDP only the inserted parameters are registered for gradient all-reduce; the frozen base
+(shared with the user's model, identical on every rank) is listed in DDP's ignore list, so it is neither
+broadcast at wrap time nor bucketed for gradient sync.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import OtterError
+
+_IGNORE_ATTR = "_ddp_params_and_buffers_to_ignore"
+
+
+def launched() -> bool:
+    """True when a distributed launcher started this process with more than one process (accelerate launch
+    and torchrun both set WORLD_SIZE); a single process trains with the plain loop."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    except ValueError:
+        return False
+
+
+def accelerator_for(accelerator: Any | None) -> Any | None:
+    """The Accelerator to train with: the caller's, a fresh one when launched distributed, else None."""
+    if accelerator is None and not launched():
+        return None
+    if accelerator is None:
+        try:
+            from accelerate import Accelerator
+        except ImportError as e:  # torchrun without accelerate installed
+            raise OtterError(f"this process was launched distributed (WORLD_SIZE={os.environ.get('WORLD_SIZE')}); "
+                             "otter.train runs distributed through accelerate: pip install accelerate") from e
+        accelerator = Accelerator()
+    if getattr(accelerator, "gradient_accumulation_steps", 1) != 1:
+        # accelerator.backward would divide the loss a second time; train's own grad_accum already does.
+        raise OtterError(f"the Accelerator has gradient_accumulation_steps={accelerator.gradient_accumulation_steps};"
+                         " pass grad_accum= to otter.train instead and leave the Accelerator's at 1")
+    return accelerator
+
+
+def frozen_names(module: nn.Module) -> list[str]:
+    """Fully qualified names of every parameter and buffer of `module` that does not require a gradient."""
+    names = [n for n, p in module.named_parameters(remove_duplicate=False) if not p.requires_grad]
+    return names + [n for n, _ in module.named_buffers(remove_duplicate=False)]
+
+
+def prepare(accelerator: Any, omodel: nn.Module, optimizer: torch.optim.Optimizer):
+    """accelerator.prepare(model, optimizer) with the frozen base kept out of DDP (see the module docstring)."""
+    names = frozen_names(omodel)
+    # DDP's documented hook for excluding parameters (torch.nn.parallel.DistributedDataParallel, issue 43690).
+    torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(omodel, names)
+    return accelerator.prepare(omodel, optimizer)
+
+
+def release(omodel: nn.Module) -> None:
+    """Undo what prepare left on `omodel` (DDP's ignore marks, accelerate's mixed-precision forward wrapper),
+    so the trained OtterModel behaves as before in later single-process use."""
+    for p in list(omodel.parameters()) + list(omodel.buffers()):
+        if hasattr(p, "_ddp_ignored"):
+            del p._ddp_ignored
+    if hasattr(omodel, _IGNORE_ATTR):
+        delattr(omodel, _IGNORE_ATTR)
+    if "_original_forward" in omodel.__dict__:  # accelerate's autocast wrapper, set as an instance attribute
+        del omodel.__dict__["_original_forward"]
+        omodel.__dict__.pop("forward", None)
+
+
+def no_sync(accelerator: Any | None, model: nn.Module, sync: bool):
+    """Skip the gradient all-reduce on micro-batches that are not the last of an optimizer step."""
+    if accelerator is None or sync:
+        return contextlib.nullcontext()
+    return accelerator.no_sync(model)
