@@ -21,7 +21,7 @@ import torch
 import torch.fx as fx
 
 from .errors import OtterError, UnsupportedGraphError
-from .graph_utils import frac_int, get_attr_tensor, ndim, numeric_shape, op_name, product, reshape_groups, shape, val
+from .graph_utils import concrete_size, frac_int, get_attr_tensor, ndim, numeric_shape, op_name, product, reshape_groups, shape, val
 
 aten = torch.ops.aten
 
@@ -34,6 +34,10 @@ class Comp:
     kind: str  # "residual" | "heads" | "ffn": what the inserted dims are
     unit: int = 1  # contiguous elements along `axis` that form one copyable unit (a head's width, ...)
     sizes: list[int] | None = None  # per-item sizes when `node` is a list (split/chunk)
+    # Original axes merged in front of the inserted dims (BLOOM's [b, h, s, d] -> [b*h, s, d]): the companion's
+    # `axis` then holds prod(outer) x `size` elements, outer-major ([b, h_e] flattened), and only ops that treat
+    # each index of that axis on its own (batched matmuls, elementwise, softmax elsewhere) may read it.
+    outer: tuple = ()
 
 
 @dataclass
@@ -82,21 +86,25 @@ class Context(Protocol):
 RULES: dict[str, Callable[[Context, fx.Node], Comp | None]] = {}
 
 
-def rule(*names: str):
+def rule(*names: str, merged: bool = False):
     """Register `fn` for the aten ops `names`. The registry holds a guarded wrapper: a rule that trips over a
     pattern it did not foresee (an IndexError on an odd shape, ...) becomes an UnsupportedGraphError naming
-    the node, its module and the rule, never a bare exception from inside the engine."""
+    the node, its module and the rule, never a bare exception from inside the engine. Only rules registered
+    with `merged=True` see companions whose inserted dims are merged with outer axes (`Comp.outer`)."""
     def register(fn):
-        guarded = _guarded(fn)
+        guarded = _guarded(fn, merged)
         for n in names:
             RULES[n] = guarded
         return fn
     return register
 
 
-def _guarded(fn):
+def _guarded(fn, merged: bool):
     @functools.wraps(fn)
     def run(ctx, node: fx.Node):
+        if not merged and any(ctx.comps[a].outer for a in node.all_input_nodes if a in ctx.comps):
+            _fail(node, "reads inserted heads merged with the batch axis ([b*h, ...]); "
+                        f"the '{fn.__name__}' rule does not handle that layout")
         try:
             return fn(ctx, node)
         except OtterError:
@@ -109,6 +117,25 @@ def _guarded(fn):
 
 def _fail(node: fx.Node, reason: str):
     raise UnsupportedGraphError(node, reason)
+
+
+def _copied_units(ctx: Context, a: fx.Node, axis: int, c: Comp) -> fx.Node:
+    """What inserted units see of an operand that has one entry per original unit along the inserted axis
+    but no inserted dims (ALiBi's per-head bias [b*h, 1, s]): the entries of the units they copy, inserted
+    unit j taking unit floor(j * n / n_e) as parameter copying does. Original nodes only ever read it."""
+    lead = product(c.outer)
+    n = Fraction(numeric_shape([shape(a)[axis]])[0], lead)
+    if n.denominator != 1 or n % c.unit or c.size % c.unit:
+        _fail(a, "an operand without inserted dims does not split into the original units")
+    n_units, e_units = int(n) // c.unit, c.size // c.unit
+    picks = [j * n_units // e_units for j in range(e_units)]
+    x = ctx.emit(aten.unflatten.int, (a, axis, [-1, n_units, c.unit]))
+    step = picks[1] - picks[0] if len(picks) > 1 else 1
+    if step > 0 and picks == list(range(picks[0], picks[0] + step * len(picks), step)):
+        x = ctx.emit(aten.slice.Tensor, (x, axis + 1, picks[0], picks[-1] + 1, step))
+    else:
+        x = ctx.emit(aten.cat.default, ([ctx.emit(aten.slice.Tensor, (x, axis + 1, p, p + 1)) for p in picks], axis + 1))
+    return ctx.emit(aten.flatten.using_ints, (x, axis, axis + 2))
 
 
 def _norm_dim(d: int, nd: int) -> int:
@@ -171,7 +198,7 @@ def _widen_parameter(ctx: Context, a: fx.Node, axis: int, size: int, unit: int) 
     return ctx.emit(a.target, tuple(widen(x) for x in a.args), {k: widen(v) for k, v in a.kwargs.items()})
 
 
-@rule(*ELEMENTWISE_OPS)
+@rule(*ELEMENTWISE_OPS, merged=True)
 def elementwise(ctx: Context, node: fx.Node) -> Comp | None:
     """Broadcasting elementwise op. Inputs with a companion contribute it; inputs broadcast along the
     companion axis (norm statistics, RoPE tables) are reused as they are; parameters spanning the axis
@@ -182,6 +209,8 @@ def elementwise(ctx: Context, node: fx.Node) -> Comp | None:
     sizes = {ctx.comps[a].size for a in ins}
     if len(axes) != 1 or len(sizes) != 1:
         _fail(node, f"inputs carry inserted dims on different axes/sizes {sorted(axes)}/{sorted(sizes)}")
+    if len({product(ctx.comps[a].outer) for a in ins}) != 1:
+        _fail(node, "inputs carry inserted dims merged with different outer axes")
     ax, size = axes.pop(), sizes.pop()
     first = ctx.comps[ins[0]]
 
@@ -195,6 +224,8 @@ def elementwise(ctx: Context, node: fx.Node) -> Comp | None:
         a_ax = ax - (out_nd - ndim(a))
         if a_ax < 0 or numeric_shape([shape(a)[a_ax]])[0] == 1:
             return a  # broadcast along the inserted axis: shared as is
+        if first.outer:  # a per-head operand of heads merged with the batch (BLOOM's ALiBi bias)
+            return _copied_units(ctx, a, a_ax, first)
         if _parameter_derived(ctx, a):
             return _widen_parameter(ctx, a, a_ax, size, first.unit)
         raise _ZeroOperand(a)
@@ -262,7 +293,7 @@ def propagate_shadow(ctx: Context, node: fx.Node) -> fx.Node | None:
     return ctx.emit(node.target, tuple(sub(a) for a in node.args), {k: sub(v) for k, v in node.kwargs.items()})
 
 
-@rule("_softmax", "softmax", "_log_softmax", "log_softmax")
+@rule("_softmax", "softmax", "_log_softmax", "log_softmax", merged=True)
 def softmax(ctx: Context, node: fx.Node) -> Comp | None:
     src, c = _single_comp(ctx, node)
     if _norm_dim(node.args[1], ndim(src)) == c.axis:
@@ -276,47 +307,90 @@ RESHAPE_OPS = {"view", "reshape", "_unsafe_view"}
 NORM_OPS = {"layer_norm", "rms_norm"}
 
 
-@rule(*RESHAPE_OPS)
+@rule(*RESHAPE_OPS, merged=True)
 def reshape(ctx: Context, node: fx.Node) -> Comp | None:
     """Split/merge of axes. The inserted dims must ride on the leading axis of their reshape group, so that
-    [orig ; inserted] along that axis reshapes to [orig ; inserted] (e.g. [n*hd] <-> [n, hd] for heads)."""
+    [orig ; inserted] along that axis reshapes to [orig ; inserted] (e.g. [n*hd] <-> [n, hd] for heads).
+    Axes of size > 1 in front of them (the batch of [b, h, s, d] -> [b*h, s, d]) are merged as `outer` and
+    split off again by the inverse reshape ([b*h, s, s] -> [b, h, s, s])."""
     src, c = _single_comp(ctx, node)
     in_sh, out_sh = shape(src), shape(node)
-    for gi, gj in reshape_groups(in_sh, out_sh):
-        if c.axis not in gi:
-            continue
-        before = gi[: gi.index(c.axis)]
-        if product([in_sh[a] for a in before]) != 1:
-            _fail(node, "the inserted axis is not the leading axis of the merged group; "
-                        "merging would interleave inserted and original dims")
-        # Concatenating along the first axis of a row-major group = concatenating the flattened group; so does
-        # concatenating along any axis in front of which the group has only unit axes. Which one carries the
-        # inserted dims: the axis whose every index is one copyable unit (the heads axis of [.., n, head_dim]
-        # even for one head, as multi-query KV has; the KV axis of a packed GQA query), else the first axis of
-        # size > 1 (a one-token step's [b*1, d] -> [b, 1, d] keeps them on d, not on the unit sequence axis).
-        flat = Fraction(product([in_sh[a] for a in gi]) * c.size, numeric_shape([in_sh[c.axis]])[0])
-        trailing = {a: product([out_sh[x] for x in gj[gj.index(a) + 1:]]) for a in gj}
-        ones_before = [a for a in gj if all(numeric_shape([out_sh[x]])[0] == 1 for x in gj[:gj.index(a)])]
-        order = ([a for a in ones_before if trailing[a] == c.unit]
-                 + [a for a in ones_before if numeric_shape([out_sh[a]])[0] != 1] + [gj[0]])
-        for t in order:
-            after = gj[gj.index(t) + 1:]
-            new_size = frac_int(flat / trailing[t])
-            if new_size is not None:
-                break
-        if new_size is None:
-            _fail(node, f"{c.size} inserted dims do not fill whole units of the reshaped axis {t}")
-        target = list(node.args[1])
-        if not (isinstance(target[t], int) and target[t] == -1):
-            if isinstance(target[t], fx.Node):
-                _fail(node, "the reshaped inserted axis has a symbolic size")
-            target[t] = new_size
-        merged = product([in_sh[a] for a in gi[gi.index(c.axis) + 1:]])
-        split = product([out_sh[a] for a in after])
-        unit = max(1, c.unit * merged // split)
-        # reshape (not view): a companion may be non-contiguous where the original is not.
-        return replace(c, node=ctx.emit(aten.reshape.default, (c.node, target)), axis=t, size=new_size, unit=unit)
-    _fail(node, "cannot map the inserted axis through this reshape")
+    groups = reshape_groups(in_sh, out_sh)
+    gi, gj = next(((gi, gj) for gi, gj in groups if c.axis in gi), (None, None))
+    if gi is None:
+        _fail(node, "cannot map the inserted axis through this reshape")
+    if c.outer:
+        t, new_size, unit, outer = _split_outer(node, c, gi, gj, out_sh)
+    elif product([in_sh[a] for a in gi[: gi.index(c.axis)]]) != 1:
+        t, new_size, unit, outer = _merge_outer(node, c, gi, gj, in_sh)
+    else:
+        t, new_size, unit = _carrier(node, c, gi, gj, in_sh, out_sh)
+        outer = ()
+    target = list(node.args[1])
+    if outer:  # the carrier's size is symbolic (b * h_e): it takes the -1, every other axis a size
+        for j, size in enumerate(target):
+            if j != t and isinstance(size, int) and size == -1:
+                known = concrete_size(out_sh[j])
+                target[j] = known if known is not None else ctx.emit(aten.sym_size.int, (node, j))
+    target[t] = -1 if outer else new_size
+    # reshape (not view): a companion may be non-contiguous where the original is not.
+    new = ctx.emit(aten.reshape.default, (c.node, target))
+    return replace(c, node=new, axis=t, size=new_size, unit=unit, outer=outer)
+
+
+def _carrier(node: fx.Node, c: Comp, gi: list, gj: list, in_sh, out_sh) -> tuple[int, int, int]:
+    """(axis, size, unit) of the inserted dims in a reshape group where only unit axes precede them."""
+    # Concatenating along the first axis of a row-major group = concatenating the flattened group; so does
+    # concatenating along any axis in front of which the group has only unit axes. Which one carries the
+    # inserted dims: the axis whose every index is one copyable unit (the heads axis of [.., n, head_dim]
+    # even for one head, as multi-query KV has; the KV axis of a packed GQA query), else the first axis of
+    # size > 1 (a one-token step's [b*1, d] -> [b, 1, d] keeps them on d, not on the unit sequence axis).
+    flat = Fraction(product([in_sh[a] for a in gi]) * c.size, numeric_shape([in_sh[c.axis]])[0])
+    trailing = {a: product([out_sh[x] for x in gj[gj.index(a) + 1:]]) for a in gj}
+    ones_before = [a for a in gj if all(numeric_shape([out_sh[x]])[0] == 1 for x in gj[:gj.index(a)])]
+    order = ([a for a in ones_before if trailing[a] == c.unit]
+             + [a for a in ones_before if numeric_shape([out_sh[a]])[0] != 1] + [gj[0]])
+    for t in order:
+        after = gj[gj.index(t) + 1:]
+        new_size = frac_int(flat / trailing[t])
+        if new_size is not None:
+            break
+    if new_size is None:
+        _fail(node, f"{c.size} inserted dims do not fill whole units of the reshaped axis {t}")
+    merged = product([in_sh[a] for a in gi[gi.index(c.axis) + 1:]])
+    split = product([out_sh[a] for a in after])
+    return t, new_size, max(1, c.unit * merged // split)
+
+
+def _merge_outer(node: fx.Node, c: Comp, gi: list, gj: list, in_sh) -> tuple[int, int, int, tuple]:
+    """[b, h, s, d] -> [b*h, s, d]: the inserted heads become [b, h_e] flattened, the batch their `outer`.
+    Only a merge into one axis keeps every inserted element apart from every original one."""
+    if len(gj) != 1 or c.sizes is not None:
+        _fail(node, "the inserted axis is not the leading axis of the merged group; "
+                    "merging would interleave inserted and original dims")
+    i = gi.index(c.axis)
+    inner = [concrete_size(in_sh[a]) for a in gi[i + 1:]]
+    if any(s is None for s in inner):
+        _fail(node, "merges the inserted axis with a symbolic trailing axis")
+    k = product(inner)
+    return gj[0], c.size * k, c.unit * k, tuple(in_sh[a] for a in gi[:i])
+
+
+def _split_outer(node: fx.Node, c: Comp, gi: list, gj: list, out_sh) -> tuple[int, int, int, tuple]:
+    """The inverse of _merge_outer: [b*h, s, s] -> [b, h, s, s] gives the inserted heads their axis back
+    (or, for a reshape that keeps the merged axis as it is, keeps `outer`)."""
+    if gi != [c.axis]:
+        _fail(node, "merges heads that are merged with the batch axis into further axes")
+    if len(gj) == 1:
+        return gj[0], c.size, c.unit, c.outer
+    lead, k = product(c.outer), 0
+    while k < len(gj) and product([out_sh[a] for a in gj[:k]]) != lead:
+        k += 1
+    rest = gj[k + 1:]
+    sizes = [concrete_size(out_sh[a]) for a in rest]
+    if k >= len(gj) or any(s is None for s in sizes) or c.size % product(sizes):
+        _fail(node, "splits heads merged with the batch axis in a way that does not separate the batch again")
+    return gj[k], c.size // product(sizes), max(1, c.unit // product(sizes)), ()
 
 
 @rule("flatten")
@@ -371,14 +445,14 @@ def expand(ctx: Context, node: fx.Node) -> Comp | None:
     return replace(c, node=ctx.emit(node.target, (c.node, sizes, *node.args[2:]), dict(node.kwargs)), axis=axis)
 
 
-@rule("unsqueeze")
+@rule("unsqueeze", merged=True)
 def unsqueeze(ctx: Context, node: fx.Node) -> Comp | None:
     src, c = _single_comp(ctx, node)
     d = _norm_dim(node.args[1], ndim(src) + 1)
     return replace(c, node=ctx.emit(node.target, (c.node, node.args[1])), axis=c.axis + (d <= c.axis))
 
 
-@rule("squeeze")
+@rule("squeeze", merged=True)
 def squeeze(ctx: Context, node: fx.Node) -> Comp | None:
     src, c = _single_comp(ctx, node)
     in_sh = numeric_shape(shape(src))
@@ -393,7 +467,7 @@ def squeeze(ctx: Context, node: fx.Node) -> Comp | None:
     return replace(c, node=ctx.emit(node.target, (c.node, *node.args[1:])), axis=c.axis - sum(d < c.axis for d in removed))
 
 
-@rule("transpose", "t", "permute")
+@rule("transpose", "t", "permute", merged=True)
 def permute(ctx: Context, node: fx.Node) -> Comp | None:
     src, c = _single_comp(ctx, node)
     nd = ndim(src)
@@ -533,17 +607,31 @@ def sdpa(ctx: Context, node: fx.Node) -> Comp | None:
     return replace(cq, node=ctx.emit(node.target, (cq.node, ck.node, cv.node, *node.args[3:]), dict(node.kwargs)))
 
 
-@rule("matmul", "bmm")
+@rule("matmul", "bmm", "baddbmm", merged=True)
 def batched_matmul(ctx: Context, node: fx.Node) -> Comp | None:
     """Explicit attention (q @ k^T, p @ v): inserted heads ride on a batch axis of both operands."""
-    a, b = node.args[:2]
+    bias = node.args[0] if op_name(node) == "baddbmm" else None  # baddbmm(bias, a, b): ALiBi + q @ k^T
+    a, b = node.args[1:3] if bias is not None else node.args[:2]
     ca, cb = ctx.comps.get(a), ctx.comps.get(b)
     if ca is None or cb is None:
         _fail(node, "a matmul between a tensor with inserted heads and one without")
     nd = ndim(node)
-    if ca.axis + nd - ndim(a) != cb.axis + nd - ndim(b) or ca.axis >= ndim(a) - 2:
+    axis = ca.axis + nd - ndim(a)
+    if axis != cb.axis + nd - ndim(b) or ca.axis >= ndim(a) - 2:
         _fail(node, "the inserted dims are not on a shared batch axis of the matmul")
-    return replace(ca, node=ctx.emit(node.target, (ca.node, cb.node)), axis=ca.axis + nd - ndim(a))
+    if ca.size != cb.size or product(ca.outer) != product(cb.outer):
+        _fail(node, "the two operands carry different numbers of inserted heads")
+    if bias is None:
+        return replace(ca, node=ctx.emit(node.target, (ca.node, cb.node)), axis=axis)
+    b_ax = axis - nd + ndim(bias)
+    if bias in ctx.comps:
+        bias_e = ctx.comps[bias].node
+    elif b_ax < 0 or numeric_shape([shape(bias)[b_ax]])[0] == 1:
+        bias_e = bias  # broadcast along the heads: shared as is
+    else:
+        bias_e = _copied_units(ctx, bias, b_ax, ca)  # a per-head bias: inserted heads take their copies'
+    args = (bias_e, ca.node, cb.node, *node.args[3:])
+    return replace(ca, node=ctx.emit(node.target, args, dict(node.kwargs)), axis=axis)
 
 
 # -- linear maps: the block matrix [[W, 0], [A, B]] in side-car form ----------------------------------
