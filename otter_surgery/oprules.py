@@ -735,3 +735,185 @@ def rms_norm(ctx: Context, node: fx.Node) -> Comp | None:
     if isinstance(w, fx.Node):
         e = ctx.emit(aten.mul.Tensor, (e, _norm_param(ctx, node, w, c)))
     return replace(c, node=e)
+
+
+# == Decoders written outside transformers (issue 11) ===================================================
+# Idioms of plain PyTorch decoders (minGPT, llama2.c, meta-llama, mistral-src, gpt-fast, nanochat,
+# x-transformers, OLMo style code): GQA by repeat_interleave, F.normalize norms, einsum attention, complex
+# RoPE, constant-index gathers, GQA group axes folded outside the KV-head axis, `mask.type_as(h)`.
+# Each is a registry entry; none changes how an original node computes.
+
+def _value_inputs(node: fx.Node) -> set[fx.Node]:
+    """Placeholders whose *values* (not only sizes) reach `node`: a gather at such indices is routing."""
+    seen, todo, found = set(), [node], set()
+    while todo:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op == "placeholder":
+            found.add(n)
+        elif op_name(n) not in ("sym_size", "sym_numel", "sym_stride"):  # shapes are not values
+            todo.extend(n.all_input_nodes)
+    return found
+
+
+@rule("index")
+def index_gather(ctx: Context, node: fx.Node) -> Comp | None:
+    """x[:, [-1], :] (llama2.c's last-position logits), x[None, positions]: advanced indexing along axes
+    other than the inserted one picks the same rows of the companion. Indices computed from input *values*
+    are data-dependent routing (mixture-of-experts dispatch) and refused."""
+    src, c = _single_comp(ctx, node)
+    indices = list(node.args[1])
+    at = [i for i, t in enumerate(indices) if t is not None]
+    if c.axis in at:
+        _fail(node, "indexes along the inserted axis")
+    if any(isinstance(t, fx.Node) and _value_inputs(t) for t in indices):
+        _fail(node, "gathers at indices computed from the input's values; data-dependent token routing "
+                    "(e.g. mixture-of-experts dispatch) is not supported")
+    b = max(ndim(t) for t in indices if t is not None)
+    if at == list(range(at[0], at[-1] + 1)):  # adjacent advanced indices: their result axes stay in place
+        axis = c.axis if c.axis < at[0] else c.axis - len(at) + b
+    else:  # separated ones: the broadcast index axes come first
+        axis = b + sum(1 for a in range(c.axis) if a not in at)
+    return replace(c, node=ctx.emit(node.target, (c.node, indices)), axis=axis, sizes=None)
+
+
+@rule("repeat_interleave")
+def repeat_interleave(ctx: Context, node: fx.Node) -> Comp | None:
+    """GQA as torch.repeat_interleave(k, n_rep, dim=heads) (mistral-src, gpt-fast): repeating [kv ; kv_e]
+    along the head axis is [repeat(kv) ; repeat(kv_e)], so inserted query heads get their own inserted KV
+    heads in the model's grouping (query head i reads KV head i // n_rep)."""
+    src, c = _single_comp(ctx, node)
+    repeats = node.args[1] if len(node.args) > 1 else node.kwargs.get("repeats")
+    dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim")
+    if not isinstance(repeats, int) or dim is None:
+        _fail(node, "repeat_interleave by a tensor of repeats or over the flattened tensor")
+    kwargs = dict(node.kwargs)
+    dim = _norm_dim(dim, ndim(src))
+    if dim != c.axis:
+        return replace(c, node=ctx.emit(node.target, (c.node, *node.args[1:]), kwargs))
+    if kwargs.get("output_size") is not None:
+        kwargs["output_size"] = c.size * repeats
+    new = ctx.emit(node.target, (c.node, *node.args[1:]), kwargs)
+    return replace(c, node=new, size=c.size * repeats)
+
+
+@rule("linalg_vector_norm")
+def vector_norm(ctx: Context, node: fx.Node) -> Comp | None:
+    """torch.norm / F.normalize (x-transformers' RMSNorm `F.normalize(x) * sqrt(d) * g`, l2-normalized q/k).
+    Over the inserted axis it is a statistic of the original dims: no companion (the inserted dims are
+    divided by the original norm, broadcast); over other axes (a per-head q/k norm) each inserted head is
+    normalized on its own."""
+    src, c = _single_comp(ctx, node)
+    nd = ndim(src)
+    dims = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim")
+    dims = list(range(nd)) if dims is None else [_norm_dim(d, nd) for d in ([dims] if isinstance(dims, int) else dims)]
+    if c.axis in dims:
+        return None
+    keep = node.args[3] if len(node.args) > 3 else node.kwargs.get("keepdim", False)
+    axis = c.axis if keep else c.axis - sum(d < c.axis for d in dims)
+    return replace(c, node=ctx.emit(node.target, (c.node, *node.args[1:]), dict(node.kwargs)), axis=axis, sizes=None)
+
+
+@rule("view_as_complex")
+def view_as_complex(ctx: Context, node: fx.Node) -> Comp | None:
+    """Complex RoPE (meta-llama, mistral-src): [..., hd/2, 2] real pairs viewed as [..., hd/2] complex. The
+    inserted dims (heads) are on an outer axis; the complex multiply by freqs_cis then broadcasts."""
+    src, c = _single_comp(ctx, node)
+    if c.axis >= ndim(src) - 1:
+        _fail(node, "views the inserted axis as the real/imaginary pair")
+    # reshape, not the view: a companion may be non-contiguous where the original is not
+    return replace(c, node=ctx.emit(node.target, (ctx.emit(aten.contiguous.default, (c.node,)),)))
+
+
+@rule("view_as_real")
+def view_as_real(ctx: Context, node: fx.Node) -> Comp | None:
+    src, c = _single_comp(ctx, node)
+    return replace(c, node=ctx.emit(node.target, (c.node,)))
+
+
+@rule("type_as")
+def type_as(ctx: Context, node: fx.Node) -> Comp | None:
+    """x.type_as(h) reads h's dtype only (meta-llama's `mask.type_as(h)`): a companion only when x has one."""
+    x = node.args[0]
+    if x not in ctx.comps:
+        return None
+    c = ctx.comps[x]
+    return replace(c, node=ctx.emit(node.target, (c.node, *node.args[1:]), dict(node.kwargs)), sizes=None)
+
+
+def _einsum_terms(node: fx.Node) -> tuple[list[str], str]:
+    eq = node.args[0].replace(" ", "")
+    if "..." in eq or "->" not in eq:
+        _fail(node, f"einsum equation '{node.args[0]}' uses an ellipsis or an implicit output")
+    lhs, out = eq.split("->")
+    return lhs.split(","), out
+
+
+@rule("einsum")
+def einsum(ctx: Context, node: fx.Node) -> Comp | None:
+    """einsum attention (x-transformers: 'b h i d, b h j d -> b h i j'): inserted heads ride on one subscript
+    that every operand carrying them shares, that the output keeps, and that no other operand spans; the
+    companion is the same einsum over the companions (operands without that subscript are shared as is)."""
+    terms, out = _einsum_terms(node)
+    operands = list(node.args[1])
+    comps = {i: ctx.comps[t] for i, t in enumerate(operands) if t in ctx.comps}
+    letters = {terms[i][cp.axis] for i, cp in comps.items()}
+    sizes = {cp.size for cp in comps.values()}
+    if len(letters) != 1 or len(sizes) != 1:
+        _fail(node, "operands carry inserted dims on different subscripts or sizes")
+    letter = letters.pop()
+    if letter not in out:
+        _fail(node, f"contracts the inserted subscript '{letter}'")
+    if any(letter in terms[i] for i in range(len(operands)) if i not in comps):
+        _fail(node, f"an operand spans the inserted subscript '{letter}' but carries no inserted dims")
+    first = next(iter(comps.values()))
+    args = [comps[i].node if i in comps else t for i, t in enumerate(operands)]
+    return replace(first, node=ctx.emit(node.target, (node.args[0], args)), axis=out.index(letter), sizes=None)
+
+
+def _folded_groups(ctx: Context, node: fx.Node) -> Comp | None:
+    """x-transformers' GQA, einops `repeat(k, 'b h n d -> b (r h) n d')`: [b, r, h_kv, n, d] -> [b, r*h_kv,
+    n, d] merges the KV-head axis *behind* a group axis. [orig ; inserted] along h_kv does not survive that
+    merge as a concatenation, but inserted heads need none: their companion is the same merge of theirs,
+    [b, r*h_e, n, d] (query head j reads inserted KV head j mod h_e, the model's own tiled grouping).
+    Only for head axes, only for a merge into one output axis; None when the pattern does not apply."""
+    src = node.args[0]
+    c = ctx.comps.get(src)
+    if c is None or c.kind != "heads" or c.outer or c.sizes is not None:
+        return None
+    in_sh, out_sh = shape(src), shape(node)
+    for gi, gj in reshape_groups(in_sh, out_sh):
+        if c.axis not in gi:
+            continue
+        before = [in_sh[a] for a in gi[: gi.index(c.axis)]]
+        if product(before) == 1 or len(gj) != 1 or gi[-1] != c.axis:
+            return None
+        t = gj[0]
+        target = list(node.args[1])
+        if isinstance(target[t], fx.Node) or any(concrete_size(s) is None for s in before):
+            return None
+        if not (isinstance(target[t], int) and target[t] == -1):
+            target[t] = product(before) * c.size
+        new = ctx.emit(aten.reshape.default, (c.node, target))
+        return replace(c, node=new, axis=t, size=product(before) * c.size)
+    return None
+
+
+def _with_folded_groups(base):
+    def reshape_or_fold(ctx: Context, node: fx.Node) -> Comp | None:
+        src = node.args[0]
+        c = ctx.comps.get(src)
+        if c is not None and c.kind == "heads":
+            for gi, _ in reshape_groups(shape(src), shape(node)):
+                if c.axis in gi and product([shape(src)[a] for a in gi[: gi.index(c.axis)]]) != 1:
+                    folded = _folded_groups(ctx, node)
+                    if folded is not None:
+                        return folded
+        return base(ctx, node)
+    return reshape_or_fold
+
+
+for _name in RESHAPE_OPS:  # the reshape rule above, plus the folded-group merge it refuses
+    RULES[_name] = _guarded(_with_folded_groups(RULES[_name]), True)

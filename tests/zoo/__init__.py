@@ -1,0 +1,30 @@
+"""A zoo of tiny decoders written the way independent open-source projects write them (not transformers).
+
+One module per project; each states which project and file it follows and which idioms it keeps. They are
+test fixtures only: the library never imports them and must not know their names. Every model is built by
+`build()` (fixed seed, random init, eval mode) and is called as `forward(idx)`.
+"""
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+NAMES = ("mingpt", "llama2c", "meta_llama", "mistral", "gpt_fast", "nanochat", "xtransformers", "olmo")
+
+
+def build(name: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.nn.Module:
+    """The zoo decoder `name`, randomly initialised with `seed`, in eval mode."""
+    module = importlib.import_module(f"{__name__}.{name}")
+    torch.manual_seed(seed)
+    model = module.build()
+    if dtype != torch.float32:  # (nanochat asserts its bf16 rotary tables keep their dtype in fp32 use)
+        model = model.to(dtype)
+    if hasattr(module, "prepare"):  # setup the project's own caches once the model has its dtype
+        module.prepare(model)
+    model.VOCAB = module.VOCAB
+    return model.eval()
+
+
+def vocab_of(model: torch.nn.Module) -> int:
+    return model.VOCAB
