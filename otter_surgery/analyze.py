@@ -20,6 +20,7 @@ import torch.fx as fx
 
 from .errors import SpecError, UnsupportedGraphError, module_path
 from .graph_utils import concrete_size, get_attr_tensor, numeric_shape, op_name, product, reshape_groups, shape, val
+from .moe import find_regions
 from .oprules import ATTENTION_OPS, ELEMENTWISE_OPS, NORM_OPS, RESHAPE_OPS, LinearInfo, linear_info
 from .spec import InsertSpec
 
@@ -70,7 +71,12 @@ class Analysis:
         # Position embeddings (learned) join the stream too; they share the model width.
         self.stream_embeddings = [e for e in self.embeddings if shape(e)[-1] == d]
         self.residual = self._residual_stream()
-        self.roles = {node: self._role(node) for node in self.linears}
+        # Routed (mixture-of-experts) blocks: each is one region whose nodes get no inserted dims, so routing
+        # reads only original dims; its output's companion is computed beside it (otter_surgery/moe.py).
+        self.moe_regions = find_regions(self.dataflow, self.graph, self.token_embedding, self.residual)
+        self.moe_nodes = {n: r for r in self.moe_regions for n in r.nodes}
+        self.residual -= set(self.moe_nodes)
+        self.roles = {node: self._role(node) for node in self.linears if node not in self.moe_nodes}
         self.logits_linear, self.final_hidden = self._final_hidden()
 
     # -- discovery -----------------------------------------------------------------------------------

@@ -67,3 +67,20 @@ def embedding_columns(weight: torch.Tensor, cols: torch.Tensor, init: str, gen: 
 def head(out_features: int, in_features: int, gen: torch.Generator) -> torch.Tensor:
     """Signal heads start small and random whatever the init: there is no original head to copy."""
     return torch.randn((out_features, in_features), generator=gen) * STD
+
+
+def dense_ffn(source, d: int, d_a: int, units: int, init: str, gen: torch.Generator):
+    """(gate, up, down) of the dense inserted FFN beside a mixture-of-experts block: gate and up
+    [units, d + d_a] read [x ; x_e], down [d_a, units] writes only the inserted dims. "copy" copies an
+    expert `source` = (gate [I, d], up [I, d], down [d, I]) the way a dense FFN's inserted units copy
+    existing units (unit j copies unit spread_index(I, units)[j], inserted dim k reads and writes as original
+    dim spread_index(d, d_a)[k]); with no expert weights to copy, "copy" draws as "normal" does."""
+    cols = spread_index(d, d_a)
+    if init == "copy" and source is not None:
+        gate, up, down = (w.detach().float() for w in source)
+        pick = spread_index(gate.shape[0], units)
+        g, u = gate[pick], up[pick]
+        return torch.cat([g, g[:, cols]], 1), torch.cat([u, u[:, cols]], 1), down[cols][:, pick]
+    init = "normal" if init == "copy" else init
+    return (_draw((units, d + d_a), init, gen, d + d_a), _draw((units, d + d_a), init, gen, d + d_a),
+            _draw((d_a, units), init, gen, units))

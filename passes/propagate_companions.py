@@ -17,6 +17,8 @@ from otter_surgery.graph_utils import op_name
 from otter_surgery.oprules import RULES, propagate_shadow
 from otter_surgery.rewrite import Rewrite
 
+from .moe_companion import moe_companion
+
 # Ops that only inspect a tensor (shapes, metadata checks) and never need inserted dims.
 # Token routing gathers rows by data-dependent indices: the shape of mixture-of-experts dispatch.
 _ROUTING = dict.fromkeys(
@@ -37,6 +39,14 @@ class PropagateCompanions(PassBase):
         ctx = self.ctx
         for node in ctx.originals:
             if node.op != "call_function" or node in ctx.comps:
+                continue
+            region = ctx.analysis.moe_nodes.get(node)
+            if region is not None:  # a mixture-of-experts block: no inserted dims inside, a dense FFN beside it
+                if node is region.output:
+                    ctx.at(node)
+                    comp = moe_companion(ctx, region)
+                    if comp is not None:
+                        ctx.comps[node] = comp
                 continue
             if not any(a in ctx.comps for a in node.all_input_nodes):
                 if any(a in ctx.shadows for a in node.all_input_nodes):
