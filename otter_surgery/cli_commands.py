@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 
-from .cli_util import (InputError, emit_json, load_model, load_otter, median_seconds, pad_id_of, response_mask,
-                       say, score, spec_from_args, table)
+from .cli_util import (InputError, emit_json, load_model, load_otter, median_seconds, pad_id_of, require_dir,
+                       response_mask, say, score, spec_from_args, table)
 from .errors import OtterError
 
 SIGNAL_OF = {"regression": "reward", "pairwise": "reward", "calibration": "calibration", "medusa": "medusa",
@@ -36,6 +36,7 @@ def cmd_insert(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     import otter_surgery as otter
 
+    require_dir(args.adapter, "adapter")  # before the (slow) model load
     model, _ = load_model(args.model)
     omodel = load_otter(model, args.adapter)
     t0 = time.perf_counter()
@@ -63,6 +64,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .capture import vocab_size
     from .data import load_jsonl
 
+    for path in (args.data, args.eval_data):
+        if path and not Path(path).is_file():
+            raise InputError(f"data file {path} does not exist")
+    if args.adapter:
+        require_dir(args.adapter, "adapter")
     model, tok = load_model(args.model)
     vocab = vocab_size(model)
     data = load_jsonl(args.data, args.objective, tok, vocab_size=vocab)  # every line checked before training
@@ -208,6 +214,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise InputError("give --prompt TEXT (repeatable) or --prompts FILE.jsonl")
     prompts = list(args.prompt or []) + (read_prompts(args.prompts) if args.prompts else [])
     guide = make_guide(args)  # before loading anything: a bad flag fails at once
+    require_dir(args.adapter, "adapter")
     model, tok = load_model(args.model)
     omodel = load_otter(model, args.adapter)
     ids, mask = pad(encode_prompts(prompts, tok, args.chat), pad_id_of(tok, model), side="left")

@@ -80,10 +80,14 @@ def load_otter(model: nn.Module, adapter: str):
     """otter.load with a clear error for a missing directory (load itself names a different base)."""
     from . import load
 
-    if not Path(adapter).is_dir():
-        raise InputError(f"adapter directory {adapter} does not exist (write one with `otter-surgery insert` "
-                         f"or `otter-surgery train`)")
+    require_dir(adapter, "adapter")
     return load(model, adapter)
+
+
+def require_dir(path: str, what: str) -> None:
+    if not Path(path).is_dir():
+        hint = " (write one with `otter-surgery insert` or `otter-surgery train`)" if what == "adapter" else ""
+        raise InputError(f"{what} directory {path} does not exist{hint}")
 
 
 def pad_id_of(tokenizer, model: nn.Module) -> int:
