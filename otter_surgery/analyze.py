@@ -123,6 +123,11 @@ class Analysis:
                 if name in ATTENTION_OPS and split:  # before `seen`: q, k, v of a fused output meet here
                     found.append(Role("heads", *split, operands=frozenset({self._operand(u, n)})))
                     continue
+                if name in ATTENTION_OPS and self._unsplit_kv(u, n):
+                    # Multi-query KV that no view splits into heads (GPT-BigCode's [b, 1, s, d] expanded to
+                    # every query head): one KV head whose unit is the feature axis.
+                    found.append(Role("heads", 1, shape(n)[-1], operands=frozenset({self._operand(u, n)})))
+                    continue
                 if u in seen:
                     continue
                 if u.op == "output":
@@ -154,6 +159,13 @@ class Analysis:
                 return replace(first, operands=frozenset().union(*(r.operands for r in same)),
                                group_heads=min(r.heads for r in same))
         return Role("none")
+
+    def _unsplit_kv(self, attention: fx.Node, src: fx.Node) -> bool:
+        """`src` is SDPA's key or value and its heads axis (-3) was never split from the features."""
+        if op_name(attention) != "scaled_dot_product_attention" or src not in attention.args[1:3]:
+            return False
+        q = attention.args[0]
+        return numeric_shape(shape(src))[-1] == numeric_shape(shape(q))[-1] and len(shape(src)) >= 3
 
     def _operand(self, attention: fx.Node, src: fx.Node) -> str:
         """Which attention operand `src` is: SDPA's (q, k, v); for explicit attention, the right operand of

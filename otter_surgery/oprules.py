@@ -599,12 +599,41 @@ def sdpa(ctx: Context, node: fx.Node) -> Comp | None:
     if cq is not None and shared_kv and cq.axis == head_axis:
         # Multi-query attention: every head reads the one KV head, inserted heads too.
         ck, cv = replace(cq, node=k), replace(cq, node=v)
+    if cq is not None and cq.axis == head_axis:
+        gqa = bool(node.kwargs.get("enable_gqa", False))
+        ck, cv = (_heads_from_features(ctx, t, ct, cq, head_axis, gqa) for t, ct in ((k, ck), (v, cv)))
     if cq is None or ck is None or cv is None or {cq.axis, ck.axis, cv.axis} != {head_axis}:
         _fail(node, "inserted heads must come with their own query, key and value heads")
+    args = [cq.node, ck.node, cv.node, *node.args[3:]]
+    kwargs = dict(node.kwargs)
     mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
     if isinstance(mask, fx.Node) and ndim(mask) == ndim(q) and numeric_shape(shape(mask))[head_axis] != 1:
-        _fail(node, "the attention mask differs per head; cannot give it to inserted heads")
-    return replace(cq, node=ctx.emit(node.target, (cq.node, ck.node, cv.node, *node.args[3:]), dict(node.kwargs)))
+        mask_e = _copied_units(ctx, mask, head_axis, cq)  # a per-head mask/bias: inserted heads take their copies'
+        if len(node.args) > 3:
+            args[3] = mask_e
+        else:
+            kwargs["attn_mask"] = mask_e
+    return replace(cq, node=ctx.emit(node.target, tuple(args), kwargs))
+
+
+def _heads_from_features(ctx: Context, t: fx.Node, c: Comp | None, cq: Comp, head_axis: int,
+                         gqa: bool) -> Comp | None:
+    """Multi-query KV written as one head expanded to every query head (GPT-BigCode: [b, 1, s, d] -> expand ->
+    [b, n, s, d]): no view splits that head off its features, so its m inserted KV heads ride on the feature
+    axis ([b, n, s, m*d], the same in each of the n copies). Move them to the heads axis, [b, m*n, s, d]: each
+    inserted KV head repeated n times, the way the original one is (with enable_gqa, as in a cached decode step
+    where n = 1, SDPA repeats them). Any other companion passes unchanged."""
+    if c is None or c.axis != ndim(t) - 1 or c.outer:
+        return c
+    d = numeric_shape(shape(t))[-1]
+    n = numeric_shape(shape(t))[head_axis]
+    heads = (c.size // d) * n
+    if c.unit != d or c.size % d or not (heads == cq.size or (gqa and cq.size % heads == 0)):
+        return c
+    x = ctx.emit(aten.unflatten.int, (c.node, -1, [c.size // d, d]))  # [b, n, s, m, d]
+    x = ctx.emit(aten.movedim.int, (x, ndim(t) - 1, head_axis))  # [b, m, n, s, d]
+    x = ctx.emit(aten.flatten.using_ints, (x, head_axis, head_axis + 1))
+    return replace(c, node=x, axis=head_axis, size=heads, unit=1)
 
 
 @rule("matmul", "bmm", "baddbmm", merged=True)
