@@ -39,6 +39,13 @@ def accelerator_for(accelerator: Any | None) -> Any | None:
             raise OtterError(f"this process was launched distributed (WORLD_SIZE={os.environ.get('WORLD_SIZE')}); "
                              "otter.train runs distributed through accelerate: pip install accelerate") from e
         accelerator = Accelerator()
+        if accelerator.num_processes != int(os.environ["WORLD_SIZE"]):
+            # e.g. torchrun on a machine without GPUs: accelerate falls back to one process per rank, and each
+            # rank would silently train on its own
+            raise OtterError(f"launched with WORLD_SIZE={os.environ['WORLD_SIZE']} but accelerate sees "
+                             f"{accelerator.num_processes} process(es) ({accelerator.distributed_type}); on CPU "
+                             "set ACCELERATE_USE_CPU=1 (accelerate launch --multi_gpu --num_processes N does the "
+                             "torchrun launch)")
     if getattr(accelerator, "gradient_accumulation_steps", 1) != 1:
         # accelerator.backward would divide the loss a second time; train's own grad_accum already does.
         raise OtterError(f"the Accelerator has gradient_accumulation_steps={accelerator.gradient_accumulation_steps};"
