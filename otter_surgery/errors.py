@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch.fx as fx
 
+from .graph_utils import user_name
+
 
 class OtterError(Exception):
     """Base class of every error otter_surgery raises on purpose."""
@@ -22,7 +24,7 @@ def module_path(node: fx.Node) -> str:
     if not stack:
         return "<top level>"
     path, _cls = list(stack.values())[-1]
-    return path.removeprefix("L['self'].").removeprefix("m.") or "<top level>"
+    return user_name(path) or "<top level>"
 
 
 class UnsupportedGraphError(OtterError):

@@ -8,6 +8,17 @@ import torch
 import torch.fx as fx
 
 
+# The capture wrappers (capture.LogitsOnly, the step wrapper) hold the user's model under this attribute, so every
+# captured parameter and module path starts with "m." ("L['self'].m." in nn_module_stack). Names shown to users or
+# written into fingerprints drop it with user_name().
+WRAPPED = "m"
+
+
+def user_name(path: str) -> str:
+    """A captured parameter or module path as it reads on the user's own model."""
+    return path.removeprefix("L['self'].").removeprefix(WRAPPED + ".")
+
+
 def val(node) -> torch.Tensor | None:
     v = node.meta.get("val") if isinstance(node, fx.Node) else None
     return v if isinstance(v, torch.Tensor) else None

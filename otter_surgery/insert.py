@@ -6,7 +6,7 @@ from torch import nn
 
 from .capture import capture, example_inputs
 from .errors import OtterError
-from .model import OtterModel
+from .model import OtterMeta, OtterModel
 from .rewrite import Rewrite
 from .spec import InsertSpec
 from .verify import bits_equal, reference_logits
@@ -40,12 +40,11 @@ def insert(model: nn.Module, spec: InsertSpec | None = None) -> OtterModel:
     gm = captured.graph_module
     ctx = rewrite(gm, spec)
     _probe(model, gm, captured.takes_mask)
-    omodel = OtterModel(gm, spec, ("logits", *spec.signals), captured.takes_mask, dict(ctx.param_names),
-                        base_class=f"{type(model).__module__}.{type(model).__qualname__}",
-                        base_model_type=getattr(getattr(model, "config", None), "model_type", None),
-                        blocks=[(a.name, b.name, c.name) for a, b, c in ctx.blocks],
-                        base_config=_config_dict(model), base_model=model)
-    return omodel
+    meta = OtterMeta(spec, ("logits", *spec.signals), captured.takes_mask, dict(ctx.param_names),
+                     base_class=f"{type(model).__module__}.{type(model).__qualname__}",
+                     base_model_type=getattr(getattr(model, "config", None), "model_type", None),
+                     base_config=_config_dict(model))
+    return OtterModel(gm, meta, base_model=model)
 
 
 def rewrite(gm: torch.fx.GraphModule, spec: InsertSpec, freeze: bool = True) -> Rewrite:

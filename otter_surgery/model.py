@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Mapping
 
 import torch
 import torch.fx as fx
@@ -23,26 +25,43 @@ class OtterOutput(ModelOutput):
     medusa: torch.Tensor | None = None
 
 
+@dataclass(frozen=True)
+class OtterMeta:
+    """What an OtterModel is, besides its graph: built once by insert(), carried over with
+    dataclasses.replace by fuse() and compile(), written into adapter and merged-checkpoint files."""
+
+    spec: InsertSpec
+    outputs: tuple[str, ...]  # ("logits", *signals): the graph's outputs, in order
+    takes_mask: bool  # the graph's inputs: (input_ids, attention_mask) or (input_ids,)
+    param_names: Mapping[str, str]  # attribute in graph_module.otter -> readable dotted name
+    base_class: str = ""  # "module.Class" of the user's model, for fingerprints
+    base_model_type: str | None = None
+    base_config: dict | None = None  # the user's model config (to_dict()), for merged checkpoints
+    form: str = "side-car"  # "side-car" (insert) or "fused" (fuse / merged checkpoints)
+
+    def __post_init__(self):  # a read-only view: the names must not drift from the graph's attributes
+        object.__setattr__(self, "param_names", MappingProxyType(dict(self.param_names)))
+
+
 class OtterModel(nn.Module):
     """One forward pass: original logits plus the signal. Base tensors are shared with the user's model
     (same storage, 0 bytes copied) and frozen; only `inserted_parameters()` train."""
 
-    def __init__(self, graph_module: fx.GraphModule, spec: InsertSpec, outputs: tuple[str, ...],
-                 takes_mask: bool, param_names: dict[str, str], base_class: str = "", base_model_type: str | None = None,
-                 blocks: list[tuple[str, str, str]] | None = None, base_config: dict | None = None, form: str = "side-car",
-                 base_model: nn.Module | None = None):
+    def __init__(self, graph_module: fx.GraphModule, meta: OtterMeta, base_model: nn.Module | None = None):
         super().__init__()
         self.__dict__["_base_model"] = base_model  # for decoding; not a submodule (its tensors are shared already)
-        self.blocks = blocks or []  # (original linear, inserted linear, [x ; x_e]) node names, for fusing
-        self.base_config = base_config  # the user's model config, for merged checkpoints
-        self.form = form  # "side-car" (default) or "fused" (deploy.fuse / merged checkpoints)
-        self.base_class = base_class  # "module.Class" of the user's model, for adapter fingerprints
-        self.base_model_type = base_model_type
         self.graph_module = graph_module
-        self.spec = spec
-        self.outputs = outputs
-        self.takes_mask = takes_mask
-        self.param_names = param_names  # attribute in graph_module.otter -> readable dotted name
+        self.meta = meta
+
+    # the record's fields, read-only, where users and the decoders look for them
+    spec = property(lambda self: self.meta.spec)
+    outputs = property(lambda self: self.meta.outputs)
+    takes_mask = property(lambda self: self.meta.takes_mask)
+    param_names = property(lambda self: self.meta.param_names)
+    base_class = property(lambda self: self.meta.base_class)
+    base_model_type = property(lambda self: self.meta.base_model_type)
+    base_config = property(lambda self: self.meta.base_config)
+    form = property(lambda self: self.meta.form)
 
     @property
     def base_model(self) -> nn.Module | None:

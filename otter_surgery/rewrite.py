@@ -24,6 +24,9 @@ def _signature(node: fx.Node) -> tuple:
     return (node.name, node.op, str(node.target), repr(node.args), repr(node.kwargs))
 
 
+FUSE_TAG = "otter_fusable"  # node.meta key on an inserted linear: (its original linear, its [x ; x_e]) names
+
+
 class Rewrite:
     def __init__(self, gm: fx.GraphModule, spec: InsertSpec):
         self.gm = gm
@@ -43,7 +46,6 @@ class Rewrite:
         self.param_names: dict[str, str] = {}  # attribute name in gm.otter -> readable dotted name
         self._slices: dict[tuple, fx.Node] = {}
         self.signal_nodes: dict[str, fx.Node] = {}
-        self.blocks: list[tuple[fx.Node, fx.Node, fx.Node]] = []  # (original linear, inserted linear, [x ; x_e])
         self._widened: dict[tuple[fx.Node, fx.Node], fx.Node] = {}
         self.cache_inputs: dict[fx.Node, Comp] = {}  # a past key/value input -> its inserted companion input
         # norm_stats="wide": an original statistic over the widened axis (and what is computed from it, e.g.
@@ -131,7 +133,9 @@ class Rewrite:
         return w_e, b_e, out
 
     def record_block(self, node: fx.Node, inserted: fx.Node, x_cat: fx.Node) -> None:
-        self.blocks.append((node, inserted, x_cat))
+        """Tag an (original linear, inserted linear on [x ; x_e]) pair in the graph itself, so passes that run
+        later on a copy of the graph (passes/fuse.py) find it without bookkeeping outside the graph."""
+        inserted.meta[FUSE_TAG] = (node.name, x_cat.name)
 
     # -- invariants ---------------------------------------------------------------------------------------
     def assert_originals_untouched(self) -> None:

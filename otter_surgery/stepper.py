@@ -217,7 +217,7 @@ class CachedDecoder:
         """The base model's own cached step (eager transformers code, called as generate calls it: no mask
         when no row is padded) on the same inputs and cache."""
         reference = self.graph("prefill", masked=True).reference
-        with eval_mode(reference.m), torch.no_grad():
+        with eval_mode(reference.wrapped), torch.no_grad():
             reference.masked = not bool(mask.all())
             try:
                 logits, *new = reference(tokens, mask, positions, list(cache))
@@ -233,7 +233,7 @@ class CachedDecoder:
         if masked:
             mask[0, :2] = 0
         rows = 2
-        with torch.no_grad(), eval_mode(g.reference.m):
+        with torch.no_grad(), eval_mode(g.reference.wrapped):
             empty = [torch.zeros(rows, h, 0, d, dtype=g.dtype, device=self.device) for h, d in g.cache_shapes]
             past = empty
             if kind in ("one", "several", "verify"):  # a past from the eager model, then one or three tokens

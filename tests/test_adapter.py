@@ -8,7 +8,7 @@ from safetensors import safe_open
 from transformers import AutoConfig
 
 import otter_surgery as otter
-from otter_surgery.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterError
+from otter_surgery.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterError
 from otter_surgery.testing import build_model
 
 
@@ -101,7 +101,7 @@ def test_save_is_atomic(tiny_llama, tmp_path, monkeypatch):
     omodel = trained(tiny_llama)
     path = otter.save(omodel, tmp_path / "adapter")
     before = {f: (path / f).read_bytes() for f in os.listdir(path)}
-    import otter_surgery.adapter as adapter_mod
+    import otter_surgery.checkpoint as adapter_mod
 
     def crash(*a, **k):
         raise RuntimeError("disk full")

@@ -1,4 +1,4 @@
-"""Slow: torch.compile deploy. Compiled Otter logits == compiled original graph logits (DESIGN §2)."""
+"""Slow: torch.compile deploy. Compiled Otter logits == compiled original graph logits (both through inductor, so compared bit for bit)."""
 import pytest
 import torch
 

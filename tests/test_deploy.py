@@ -3,8 +3,8 @@ import pytest
 import torch
 
 import otter_surgery as otter
-from otter_surgery.capture import example_inputs
-from otter_surgery.deploy import compare, probe_batch
+from otter_surgery.checkpoint import MERGED_CONFIG, compare, merge_probe
+from otter_surgery.passes.fuse import fused_count
 from otter_surgery.support import tiny_config
 from otter_surgery.testing import build_model, heads_step
 
@@ -17,12 +17,13 @@ def test_merged_checkpoint_reloads_and_reports_truthfully(arch, tied, tmp_path):
         for p in omodel.inserted_parameters().values():
             p.add_(0.01)
     report = otter.merge(omodel, tmp_path / "merged")
-    assert report.fused_linears == len(omodel.blocks) > 0
+    assert report.fused_linears == fused_count(omodel.graph_module) > 0
+    assert (tmp_path / "merged" / MERGED_CONFIG).exists()
     merged = otter.load_merged(tmp_path / "merged")
     assert merged.form == "fused"
     assert not any(p.is_meta for p in merged.parameters())
-    batch = probe_batch(omodel)  # the batch the report describes
-    assert batch["attention_mask"][0, 0] == 0 and batch["attention_mask"].shape == (2, 11)  # a padded row
+    batch = merge_probe(omodel)  # the batch the report describes
+    assert batch["attention_mask"][0, 0] == 0 and batch["attention_mask"].shape == (2, 7)  # a padded row
     with torch.no_grad():
         want = model(**batch).logits
         side_car = omodel(**batch)
@@ -33,8 +34,9 @@ def test_merged_checkpoint_reloads_and_reports_truthfully(arch, tied, tmp_path):
     assert report.logits_max_abs_diff == (fused.logits - want).abs().max().item()
     # Same parameters, one GEMM instead of two: signals agree to float rounding.
     torch.testing.assert_close(fused.reward, side_car.reward, rtol=1e-4, atol=1e-5)
-    # The same holds on capture's public example batch (another shape, another padded row).
-    probe = example_inputs(model, takes_mask=True)
+    # The same holds on another batch (another shape, another padded row).
+    ids = torch.randint(0, model.config.vocab_size, (3, 12), generator=torch.Generator().manual_seed(1))
+    probe = {"input_ids": ids, "attention_mask": (torch.arange(12) >= torch.tensor([[0], [4], [1]])).long()}
     with torch.no_grad():
         assert torch.equal(omodel(**probe).logits, model(**probe).logits)
         fused_probe = merged(**probe)
@@ -45,7 +47,7 @@ def test_compare_is_nan_aware(tiny_llama):
     """compare() says bit-identical for identical logits even when they hold NaN (torch.equal would not)."""
     model = build_model(tiny_llama.config)  # a copy of our own: its lm_head gets NaN below
     omodel = otter.insert(model, otter.InsertSpec(extra_dim=4, extra_heads=3, extra_ffn=4))
-    batch = probe_batch(omodel)
+    batch = merge_probe(omodel)
     assert compare(omodel, omodel, batch) == (True, 0.0, 0.0)
     with torch.no_grad():
         model.lm_head.weight[0, :] = float("nan")  # NaN logits for token 0, in the shared base tensor

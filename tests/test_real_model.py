@@ -1,4 +1,4 @@
-"""Slow: the real SmolLM2-135M (DESIGN §4), real chat-template text, bit-identical logits."""
+"""Slow: the real SmolLM2-135M, real chat-template text, bit-identical logits."""
 import pytest
 import torch
 
