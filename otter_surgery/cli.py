@@ -12,6 +12,7 @@ Exit codes: 0 ok, 1 verification failed (logits differ), 2 bad input (the messag
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 from .errors import OtterError, VerificationError
@@ -136,9 +137,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time (main() may run many times in one process, under pytest)."""
+
+    stream = property(lambda self: sys.stderr, lambda self, value: None)
+
+
+def _show_library_notes() -> None:
+    """The library logs its choices at INFO (e.g. the extra_heads it picked): a CLI user should see them."""
+    logger = logging.getLogger("otter_surgery")
+    if not any(getattr(h, "_otter_cli", False) for h in logger.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("note: %(message)s"))
+        handler._otter_cli = True
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code (0 ok, 1 verification failed, 2 bad input, 130 interrupted)."""
     args = build_parser().parse_args(argv)
+    _show_library_notes()
     try:
         return args.fn(args)
     except VerificationError as exc:

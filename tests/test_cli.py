@@ -78,6 +78,7 @@ def test_round_trip_insert_train_verify_generate(tiny, tmp_path, capsys):
     assert proc.returncode == 0, proc.stderr
     info = json.loads(proc.stdout)
     assert info["inserted"] > 0 and info["spec"]["extra_heads"] is None  # the default: one KV group, resolved
+    assert "note: extra_heads=None -> 2 (one inserted KV group" in proc.stderr  # and the user is told which
     assert {p.name for p in adapter.iterdir()} == {"otter_adapter.safetensors", "otter_config.json"}
 
     code, out, err = _run(capsys, "train", "--model", tiny, "--adapter", adapter, "--objective", "pairwise",
