@@ -46,6 +46,17 @@ def accelerator_for(accelerator: Any | None) -> Any | None:
                              f"{accelerator.num_processes} process(es) ({accelerator.distributed_type}); on CPU "
                              "set ACCELERATE_USE_CPU=1 (accelerate launch --multi_gpu --num_processes N does the "
                              "torchrun launch)")
+    kind = str(getattr(accelerator.distributed_type, "name", accelerator.distributed_type))
+    for flag, name in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DEEPSPEED")):
+        if os.environ.get(flag, "false").lower() in ("1", "true"):
+            kind = name  # asked for, even where accelerate fell back to DDP (it enables FSDP on GPUs only)
+    if kind != "NO" and not kind.startswith("MULTI_"):
+        # FSDP wraps modules and unshards a unit in that module's forward hook; the captured graph runs as ONE
+        # module (its layers never run their own forward), so FSDP could only gather the whole base for every
+        # forward (no peak-memory saving) and would leave the inserted parameters as shards. Not supported.
+        raise OtterError(f"otter.train runs data-parallel (DDP: accelerate's MULTI_GPU / MULTI_CPU / ...); "
+                         f"distributed_type {kind} is not supported: the captured graph is one module, so FSDP or "
+                         "DeepSpeed could only shard it as a single unit. Launch without --use_fsdp / --use_deepspeed")
     if getattr(accelerator, "gradient_accumulation_steps", 1) != 1:
         # accelerator.backward would divide the loss a second time; train's own grad_accum already does.
         raise OtterError(f"the Accelerator has gradient_accumulation_steps={accelerator.gradient_accumulation_steps};"

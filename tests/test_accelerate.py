@@ -194,3 +194,39 @@ def test_adamw_loss_curve_matches_one_process(runs):
     assert all(torch.equal(r0["params"][k], r1["params"][k]) for k in r0["params"])
     assert r0["losses"] == pytest.approx(one["losses"], rel=1e-6, abs=0)
     assert _max_diff(r0["params"], one["params"]) < 1e-3
+
+
+def test_sharded_and_misdetected_launches_are_refused(tiny_llama, monkeypatch):
+    """FSDP / DeepSpeed (asked for by the launcher or by the Accelerator) and a torchrun world that accelerate
+    does not see as distributed (each rank would train alone) fail before training, naming the cause."""
+    from types import SimpleNamespace
+
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedType
+
+    import otter_surgery as otter
+    from otter_surgery.errors import OtterError
+
+    omodel = otter.insert(tiny_llama, otter.InsertSpec(extra_dim=4, extra_heads=3, extra_ffn=4))
+    before = {k: p.detach().clone() for k, p in omodel.inserted_parameters().items()}
+    pairs = [{"chosen": [5, 11, 12], "rejected": [7, 11, 12]}] * 4
+    fake = SimpleNamespace(distributed_type=DistributedType.FSDP, gradient_accumulation_steps=1)
+    with pytest.raises(OtterError, match="FSDP is not supported"):
+        otter.train(omodel, pairs, steps=1, batch_size=2, progress=False, accelerator=fake)
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # accelerate on CPU would quietly fall back to DDP
+    fake = SimpleNamespace(distributed_type=DistributedType.MULTI_CPU, gradient_accumulation_steps=1)
+    with pytest.raises(OtterError, match="FSDP is not supported"):
+        otter.train(omodel, pairs, steps=1, batch_size=2, progress=False, accelerator=fake)
+    monkeypatch.delenv("ACCELERATE_USE_FSDP")
+    fake = SimpleNamespace(distributed_type=DistributedType.MULTI_CPU, gradient_accumulation_steps=4)
+    with pytest.raises(OtterError, match="grad_accum"):
+        otter.train(omodel, pairs, steps=1, batch_size=2, progress=False, accelerator=fake)
+    if not torch.cuda.is_available():  # with GPUs, accelerate would really try to join a 2-process group
+        monkeypatch.setenv("WORLD_SIZE", "2")  # torchrun-like, but no ACCELERATE_USE_CPU and no GPUs
+        monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
+        try:
+            with pytest.raises(OtterError, match="WORLD_SIZE=2 but accelerate sees 1 process"):
+                otter.train(omodel, pairs, steps=1, batch_size=2, progress=False)
+        finally:
+            AcceleratorState._reset_state(True)  # the Accelerator singleton must not leak into other tests
+    assert all(torch.equal(before[k], p) for k, p in omodel.inserted_parameters().items())
