@@ -148,6 +148,8 @@ class Analysis:
                     if hs is not None and (split is None or numeric_shape([hs[1]])[0] < numeric_shape([split[1]])[0]):
                         todo.append((u, hs))
                         continue
+                if name in ("split", "split_with_sizes", "chunk") and split is not None:
+                    split = self._heads_split(u, n, split)
                 if val(u) is not None or name in ("split", "split_with_sizes", "chunk", "unbind", "getitem"):
                     todo.append((u, split))
         for kind in ("heads", "ffn", "none"):
@@ -159,6 +161,17 @@ class Analysis:
                 return replace(first, operands=frozenset().union(*(r.operands for r in same)),
                                group_heads=min(r.heads for r in same))
         return Role("none")
+
+    @staticmethod
+    def _heads_split(node: fx.Node, src: fx.Node, split: tuple) -> tuple:
+        """A split of the heads axis into groups (differential attention's two value halves): each part
+        holds the heads of its smallest piece; any other split keeps `split`."""
+        dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+        size = numeric_shape([shape(src)[dim]])[0]
+        pieces = [numeric_shape([p.shape[dim]])[0] for p in node.meta.get("val", ())]
+        if size != split[0] or size <= 1 or not pieces:
+            return split
+        return (min(pieces), split[1])
 
     def _unsplit_kv(self, attention: fx.Node, src: fx.Node) -> bool:
         """`src` is SDPA's key or value and its heads axis (-3) was never split from the features."""

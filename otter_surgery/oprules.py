@@ -435,6 +435,21 @@ def like(ctx: Context, node: fx.Node) -> Comp | None:
     return replace(co, node=ctx.emit(node.target, (cx.node, co.node)), sizes=None)
 
 
+@rule("repeat")
+def repeat(ctx: Context, node: fx.Node) -> Comp | None:
+    """x.repeat(r): the companion repeats the same way. Along the heads axis that repeats the inserted heads
+    as the original ones are (differential attention's value halves tiled over their query heads)."""
+    src, c = _single_comp(ctx, node)
+    reps = list(node.args[1])
+    axis = c.axis + len(reps) - ndim(src)
+    if not isinstance(reps[axis], int):
+        _fail(node, "repeats the inserted axis a symbolic number of times")
+    if reps[axis] != 1 and c.kind != "heads":
+        _fail(node, "repeats the inserted axis of dims that are not heads; that would interleave them")
+    new = ctx.emit(node.target, (c.node, reps))
+    return replace(c, node=new, axis=axis, size=c.size * reps[axis], sizes=None)
+
+
 @rule("expand")
 def expand(ctx: Context, node: fx.Node) -> Comp | None:
     src, c = _single_comp(ctx, node)
