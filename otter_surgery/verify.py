@@ -1,4 +1,5 @@
-"""verify(): hypothesis-driven proof search that the Otter model's logits equal the original's, bit for bit."""
+"""verify(): a hypothesis search for a counterexample — a batch on which the Otter model's logits differ from the
+original's (torch.equal, NaN-aware). Passing is evidence over the batches tried, not a proof."""
 from __future__ import annotations
 
 from dataclasses import dataclass
