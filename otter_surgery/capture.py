@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -52,6 +53,11 @@ class LogitsOnly(_Wrapper):
 class Captured:
     graph_module: fx.GraphModule
     takes_mask: bool  # whether forward takes attention_mask (transformers models do)
+    # How the sequence length was captured (see CAPTURE_STRATEGIES): "dynamic" (one graph for every length up
+    # to `seq_max`), "per-length" (the model's code fixes the length: one graph per length, batch dynamic),
+    # "per-shape" (it fixes the batch size too: one graph per (batch, length)).
+    strategy: str = "dynamic"
+    seq_max: int | None = None  # the longest sequence the graph was proven for by export; None: no bound
 
 
 def is_transformers_model(model: nn.Module) -> bool:
@@ -115,22 +121,119 @@ def _to_graph_module(ep) -> fx.GraphModule:
     return gm
 
 
-def capture(model: nn.Module) -> Captured:
+CAPTURE_STRATEGIES = ("dynamic", "per-length", "per-shape")
+_STATIC = {"dynamic": (), "per-length": (1,), "per-shape": (0, 1)}  # which of (batch, seq) each fixes
+
+
+def capture(model: nn.Module, strategy: str | None = None, shape: tuple[int, int] | None = None) -> Captured:
     """Export `model` to a GraphModule with inputs (input_ids[, attention_mask]) and one output: logits.
 
     Batch and sequence dims are dynamic. The pytree calling convention of torch.export is replaced by a
-    plain one so the passes may add outputs.
+    plain one so the passes may add outputs. When the model's Python fixes the sequence length to a constant
+    (numpy masks, `for i in range(T)`, `int(T)`, math on T: export reports "specialized it to be a
+    constant"), capture does not give up: it falls back to one graph per length ("per-length"), then per
+    (batch, length) ("per-shape"); `strategy` and `shape` capture one such graph for an input `shape`.
     """
     takes_mask = is_transformers_model(model)
-    kwargs = example_inputs(model, takes_mask)
-    dyn = {k: {0: torch.export.Dim.DYNAMIC, 1: torch.export.Dim.DYNAMIC} for k in kwargs}
+    if strategy is not None:
+        return _export(model, takes_mask, strategy, shape)
+    tried = []
+    for strategy in CAPTURE_STRATEGIES:
+        try:
+            return _export(model, takes_mask, strategy, shape)
+        except _Specialized as exc:
+            tried.append(f"{strategy}: {exc.detail}")
+    raise CaptureError(f"torch.export could not capture {type(model).__name__} with any strategy "
+                       f"({'; '.join(tried)})")
+
+
+class _Specialized(CaptureError):
+    """export says the model's code fixed a dimension marked dynamic: a more static strategy may work."""
+
+    def __init__(self, detail: str):
+        self.detail = detail
+        super().__init__(detail)
+
+
+def shaped_inputs(model: nn.Module, takes_mask: bool, batch: int, seq: int) -> dict:
+    """Example inputs of a given shape, made like the probe batch (a left-padded first row when possible)."""
+    device = next(iter(model.parameters()), torch.empty(0)).device
+    ids = torch.arange(batch * seq, device=device).reshape(batch, seq) % vocab_size(model)
+    kwargs = {"input_ids": ids}
+    if takes_mask:
+        mask = torch.ones(batch, seq, dtype=torch.long, device=device)
+        mask[0, :min(2, seq - 1)] = 0
+        kwargs["attention_mask"] = mask
+    return kwargs
+
+
+def _export(model: nn.Module, takes_mask: bool, strategy: str, shape: tuple[int, int] | None) -> Captured:
+    kwargs = example_inputs(model, takes_mask) if shape is None else shaped_inputs(model, takes_mask, *shape)
+    static = _STATIC[strategy]
+    dyn = {k: {d: torch.export.Dim.DYNAMIC for d in (0, 1) if d not in static} or None for k in kwargs}
     wrapper = LogitsOnly(model, takes_mask)
     try:
         with eval_mode(model), torch.no_grad():
             ep = torch.export.export(wrapper, (), kwargs=kwargs, dynamic_shapes=dyn, strict=False)
     except Exception as exc:  # torch.export raises many types; name the cause and keep the chain
-        raise CaptureError(f"torch.export could not capture {type(model).__name__}: {exc}") from exc
-    return Captured(_to_graph_module(ep), takes_mask)
+        if "specialized it to be a constant" in str(exc) and strategy != CAPTURE_STRATEGIES[-1]:
+            raise _Specialized(str(exc).split("\n")[0]) from exc
+        where = "" if shape is None else f" for inputs of shape {tuple(shape)}"
+        raise CaptureError(f"torch.export could not capture {type(model).__name__}{where} "
+                           f"(strategy {strategy!r}): {exc}") from exc
+    gm = _to_graph_module(ep)
+    _inline_autocast_off(gm)
+    return Captured(gm, takes_mask, strategy, _seq_max(ep, kwargs["input_ids"]) if 1 not in static else None)
+
+
+def _seq_max(ep, ids: torch.Tensor) -> int | None:
+    """The upper bound export proved for the sequence length (e.g. a position table's size, `assert t <=
+    block_size`, a cached mask's length); None when unbounded or not read."""
+    try:
+        ph = next(n for n in ep.graph.nodes if n.op == "placeholder" and n.name == "input_ids")
+        expr = ph.meta["val"].shape[1].node.expr
+        upper = ep.range_constraints[expr].upper
+        return int(upper) if upper.is_finite else None
+    except (StopIteration, KeyError, AttributeError, TypeError):
+        return None
+
+
+def _inline_autocast_off(gm: fx.GraphModule) -> None:
+    """Inline `with torch.autocast(..., enabled=False)` regions (OLMo's and transformers' RoPE tables) into
+    the graph. Outside autocast (how insert/verify/generate run graphs) such a region changes nothing, and
+    inline its ops get op rules like any other; a higher-order node would be opaque to them."""
+    hop = getattr(torch.ops.higher_order, "wrap_with_autocast", None)
+    inlined = False
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not hop or node.args[2] is not False:
+            continue
+        sub = getattr(gm, node.args[4].target, None)
+        if not isinstance(sub, fx.GraphModule) or any(n.op in ("get_attr", "call_module") for n in sub.graph.nodes):
+            continue  # (a region reading its own attributes is left as it is)
+        env = dict(zip([n for n in sub.graph.nodes if n.op == "placeholder"], node.args[5:]))
+        out = None
+        with gm.graph.inserting_before(node):
+            for n in sub.graph.nodes:
+                if n.op == "output":
+                    out = n.args[0]
+                elif n.op != "placeholder":
+                    env[n] = gm.graph.node_copy(n, lambda a: env[a])
+                    if "nn_module_stack" not in env[n].meta and "nn_module_stack" in node.meta:
+                        env[n].meta["nn_module_stack"] = node.meta["nn_module_stack"]
+        users = list(node.users)
+        if out is None or any(u.target is not operator.getitem for u in users):
+            continue
+        for u in users:
+            u.replace_all_uses_with(env[out[u.args[1]]])
+            gm.graph.erase_node(u)
+        holder = node.args[4]
+        gm.graph.erase_node(node)
+        if not holder.users:
+            gm.graph.erase_node(holder)
+            delattr(gm, holder.target)
+        inlined = True
+    if inlined:
+        gm.recompile()
 
 
 # -- the KV-cached decode step ------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import lengths
 from .capture import capture, example_inputs
 from .errors import OtterError
 from .model import OtterMeta, OtterModel
@@ -43,8 +44,12 @@ def insert(model: nn.Module, spec: InsertSpec | None = None) -> OtterModel:
     meta = OtterMeta(spec, ("logits", *spec.signals), captured.takes_mask, dict(ctx.param_names),
                      base_class=f"{type(model).__module__}.{type(model).__qualname__}",
                      base_model_type=getattr(getattr(model, "config", None), "model_type", None),
-                     base_config=_config_dict(model))
-    return OtterModel(gm, meta, base_model=model)
+                     base_config=_config_dict(model), capture_strategy=captured.strategy)
+    omodel = OtterModel(gm, meta, base_model=model)
+    # Graphs per length/shape when the model's code fixes or bounds the sequence length (otter_surgery.lengths)
+    first = tuple(example_inputs(model, captured.takes_mask)["input_ids"].shape)
+    lengths.attach(omodel, model, captured.strategy, captured.seq_max, first)
+    return omodel
 
 
 def rewrite(gm: torch.fx.GraphModule, spec: InsertSpec, freeze: bool = True) -> Rewrite:

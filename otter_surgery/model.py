@@ -38,6 +38,7 @@ class OtterMeta:
     base_model_type: str | None = None
     base_config: dict | None = None  # the user's model config (to_dict()), for merged checkpoints
     form: str = "side-car"  # "side-car" (insert) or "fused" (fuse / merged checkpoints)
+    capture_strategy: str = "dynamic"  # capture.CAPTURE_STRATEGIES: one graph, or one per length / shape
 
     def __post_init__(self):  # a read-only view: the names must not drift from the graph's attributes
         object.__setattr__(self, "param_names", MappingProxyType(dict(self.param_names)))
@@ -62,6 +63,7 @@ class OtterModel(nn.Module):
     base_model_type = property(lambda self: self.meta.base_model_type)
     base_config = property(lambda self: self.meta.base_config)
     form = property(lambda self: self.meta.form)
+    capture_strategy = property(lambda self: self.meta.capture_strategy)
 
     @property
     def base_model(self) -> nn.Module | None:
