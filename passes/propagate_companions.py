@@ -6,6 +6,8 @@ of the original dims stay theirs (reductions get no companion); with norm_stats=
 normalized by the statistic over [x ; x_e], computed beside it (a "shadow" that only companions read).
 Inserted heads attend with the original mask and positions; linears become [[W, 0], [A, B]] in side-car form.
 An op with inserted dims on an input and no rule stops the insertion with an error naming the node.
+Mixture-of-experts blocks (Analysis.moe_regions) are skipped whole: no node inside gets inserted dims, so the
+router reads the original dims only; the block output's companion comes from passes/moe_companion.py.
 """
 from __future__ import annotations
 
@@ -23,7 +25,8 @@ from .moe_companion import moe_companion
 # Token routing gathers rows by data-dependent indices: the shape of mixture-of-experts dispatch.
 _ROUTING = dict.fromkeys(
     ("index", "index_put", "index_add", "index_select", "scatter", "scatter_add", "gather", "nonzero"),
-    "; data-dependent token routing (e.g. mixture-of-experts dispatch) is not supported")
+    "; data-dependent indexing outside a mixture-of-experts block (one found by its routing selection, "
+    "topk/sort/argmax..., feeding a residual add: otter_surgery/moe.py) is not supported")
 _INSPECTORS = {"sym_size", "sym_numel", "sym_stride", "_assert_tensor_metadata", "_assert_scalar"}
 
 

@@ -1,11 +1,10 @@
-"""Any decoder: per-family checks on every family of the suite, plain PyTorch decoders, and MoE refusal."""
+"""Any decoder: per-family checks on every family of the suite, plain PyTorch decoders, and MoE."""
 import pytest
 import torch
 from hypothesis import given, settings
 
 import otter_surgery as otter
 from otter_surgery import testing as ot
-from otter_surgery.errors import UnsupportedGraphError
 from otter_surgery.support import tiny_config
 from otter_surgery.verify import reference_logits
 
@@ -76,8 +75,10 @@ def _nano(dtype):
 
 
 @pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe"])
-def test_mixture_of_experts_is_refused_clearly(arch):
+def test_mixture_of_experts_inserts(arch):
+    """MoE blocks (routed experts; qwen2_moe with a shared expert) insert: the router and experts keep the
+    original dims only, a dense inserted FFN beside each block carries the inserted ones (tests/test_moe.py)."""
     model = ot.build_model(tiny_config(arch, num_hidden_layers=1))
-    with pytest.raises(UnsupportedGraphError) as err:
-        otter.insert(model, otter.InsertSpec(extra_dim=4, extra_heads=ot.heads_step(model.config), extra_ffn=4))
-    assert "mixture-of-experts" in str(err.value) and "experts" in err.value.module_path
+    omodel = otter.insert(model, otter.InsertSpec(extra_dim=4, extra_heads=ot.heads_step(model.config), extra_ffn=4))
+    assert any(".mlp.moe_ffn." in k for k in omodel.inserted_parameters())
+    check_matters(model, omodel, model.config.vocab_size)

@@ -1,0 +1,155 @@
+"""Mixture-of-experts blocks: found from the graph's dispatch pattern, the router and experts untouched (routing,
+hence the original logits, bit-identical), the inserted dims carried by a dense inserted FFN beside each block."""
+import pytest
+import torch
+
+import otter_surgery as otter
+from otter_surgery import testing as ot
+from otter_surgery.analyze import Analysis
+from otter_surgery.capture import capture
+from otter_surgery.initialize import spread_index
+from otter_surgery.support import tiny_config
+
+from .conftest import state_digest
+from .plain_models import NanoGPT
+from .test_any_decoder import check_matters
+
+# Routers: softmax top-k (mixtral, olmoe), top-k + a sigmoid-gated shared expert (qwen2_moe), top-k in a
+# router module + type_as (granitemoe), sigmoid scores with a bias correction (minimax_m2), sparsemixer's
+# max/argmax routing (phimoe).
+FAMILIES = ("mixtral", "qwen2_moe", "olmoe", "granitemoe", "phimoe",
+            pytest.param("minimax_m2", marks=pytest.mark.slow))
+# Fewer, smaller experts than the families' defaults (qwen2_moe: 60 experts of 1408 units): keys a config lacks
+# are left out.
+SMALL = dict(num_experts=4, num_local_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+             shared_expert_intermediate_size=24)
+
+_MODELS = {}
+
+
+def tiny_moe(arch, dtype=torch.float32):
+    if (arch, dtype) not in _MODELS:
+        cfg = tiny_config(arch, num_hidden_layers=1)
+        for k, v in SMALL.items():
+            if hasattr(cfg, k):
+                setattr(cfg, k, v)
+        model = ot.build_model(cfg, dtype)
+        spec = otter.InsertSpec(extra_dim=6, extra_heads=ot.heads_step(cfg), extra_ffn=10)
+        _MODELS[arch, dtype] = model, spec
+    return _MODELS[arch, dtype]
+
+
+def selection_values(gm, names, batch):
+    """The values of the routing selections (top-k indices, sort order, ...) in graph module `gm`."""
+    got = {}
+
+    class Record(torch.fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            if n.name in names:
+                got[n.name] = out
+            return out
+
+    with torch.no_grad():
+        Record(gm).run(*batch.values())
+    return got
+
+
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_moe_family_inserts_bit_identically_and_every_inserted_parameter_matters(arch):
+    model, spec = tiny_moe(arch)
+    before = state_digest(model)
+    regions = Analysis(capture(model).graph_module).moe_regions
+    assert len(regions) == 1 and regions[0].selections
+    omodel = otter.insert(model, spec)
+    ffn = [k for k in omodel.inserted_parameters() if ".moe_ffn." in k]
+    assert len(ffn) == 3, ffn  # gate, up, down of the dense FFN beside the one MoE block
+    assert otter.verify(model, omodel, max_examples=50, max_batch=3, max_seq=24).examples == 50
+    check_matters(model, omodel, model.config.vocab_size)
+    assert state_digest(model) == before
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe"])
+def test_routing_reads_only_original_dims(arch):
+    """Whatever the inserted parameters hold, every token meets the same experts as in the base model."""
+    model, spec = tiny_moe(arch)
+    omodel = otter.insert(model, spec)
+    names = {s.name for r in Analysis(capture(model).graph_module).moe_regions for s in r.selections}
+    ids = torch.randint(3, model.config.vocab_size, (3, 11), generator=torch.Generator().manual_seed(1))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    base = selection_values(capture(model).graph_module, names, batch)
+    assert set(base) == names
+    with torch.no_grad():
+        for p in omodel.inserted_parameters().values():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(2)).to(p.dtype) * 3)
+    moved = selection_values(omodel.graph_module, names, batch)
+    for name in names:
+        for a, b in zip(base[name] if isinstance(base[name], tuple) else (base[name],),
+                        moved[name] if isinstance(moved[name], tuple) else (moved[name],)):
+            assert torch.equal(a, b), name
+
+
+def test_bf16_moe_is_bit_identical():
+    model, spec = tiny_moe("qwen2_moe", torch.bfloat16)
+    assert otter.verify(model, otter.insert(model, spec), max_examples=50, max_batch=3, max_seq=24).examples == 50
+
+
+def test_greedy_decoding_through_moe_equals_transformers_generate():
+    model, spec = tiny_moe("mixtral")
+    omodel = otter.insert(model, spec)
+    ids = torch.randint(3, model.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    for m in (mask, torch.ones_like(mask)):
+        out = otter.generate(omodel, ids, attention_mask=m, max_new_tokens=6)
+        with torch.no_grad():
+            want = model.generate(input_ids=ids, attention_mask=m, max_new_tokens=6, do_sample=False)
+        assert torch.equal(out.sequences, want)
+        assert out.rewards is not None
+
+
+def test_copy_init_copies_the_shared_expert_else_routed_expert_zero():
+    for arch, source in (("qwen2_moe", "shared_expert"), ("mixtral", "experts")):
+        model, spec = tiny_moe(arch)
+        omodel = otter.insert(model, spec)
+        params = omodel.inserted_parameters()
+        gate = next(v for k, v in params.items() if k.endswith("moe_ffn.gate_proj.weight.inserted"))
+        mlp = model.model.layers[0].mlp
+        d = model.config.hidden_size
+        if source == "shared_expert":
+            want = mlp.shared_expert.gate_proj.weight
+        else:
+            inner = mlp.experts.down_proj.shape[-1]
+            want = mlp.experts.gate_up_proj[0, :inner]
+        pick = spread_index(want.shape[0], spec.extra_ffn)
+        assert torch.equal(gate[:, :d].detach(), want[pick].detach()), arch
+    normal = otter.insert(model, otter.InsertSpec(extra_dim=6, extra_heads=spec.extra_heads, extra_ffn=10, init="normal"))
+    g2 = next(v for k, v in normal.inserted_parameters().items() if k.endswith("moe_ffn.gate_proj.weight.inserted"))
+    assert not torch.equal(g2[:, :d].detach(), want[pick].detach())
+
+
+def test_zero_extra_ffn_adds_no_moe_parameters():
+    model, spec = tiny_moe("mixtral")
+    omodel = otter.insert(model, otter.InsertSpec(extra_dim=6, extra_heads=spec.extra_heads, extra_ffn=0))
+    assert not [k for k in omodel.inserted_parameters() if "moe_ffn" in k]
+    assert otter.verify(model, omodel, max_examples=10).examples == 10
+
+
+def test_region_detection_does_not_fire_on_dense_models():
+    for arch in ("llama", "qwen2", "phi3"):
+        model = ot.build_model(tiny_config(arch, num_hidden_layers=1))
+        assert Analysis(capture(model).graph_module).moe_regions == [], arch
+    torch.manual_seed(0)
+    assert Analysis(capture(NanoGPT().eval()).graph_module).moe_regions == []
+
+
+def test_the_region_holds_router_experts_and_shared_expert_and_nothing_else():
+    model, _ = tiny_moe("qwen2_moe")
+    gm = capture(model).graph_module
+    (region,) = Analysis(gm).moe_regions
+    from otter_surgery.errors import module_path
+
+    paths = {module_path(n) for n in region.nodes}
+    assert region.module == "model.layers.0.mlp"
+    assert {"model.layers.0.mlp.gate", "model.layers.0.mlp.shared_expert"} <= {p for p in paths if p.count(".") == 4}
+    assert not any("self_attn" in p or "layernorm" in p for p in paths), paths
