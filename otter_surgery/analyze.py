@@ -133,6 +133,13 @@ class Analysis:
                 if u.op == "output":
                     found.append(Role("none"))
                     continue
+                gated = self._gated_heads(u, n) if split is None and name in ELEMENTWISE_OPS else 0
+                out = self.linears[linear].out_features
+                if gated and out % gated == 0:
+                    # A gate on the attention output (afmoe, laguna: attn * sigmoid(gate(x))): laid out like
+                    # that output, one unit per head, so its inserted rows gate the inserted heads.
+                    found.append(Role("heads", gated, out // gated, operands=frozenset({"gate"})))
+                    continue
                 info = self.linears.get(u)
                 if info is not None and info.x is n:
                     heads = split is not None and split[0] > 1  # a provisional one-head split is no head split
@@ -172,6 +179,17 @@ class Analysis:
         if size != split[0] or size <= 1 or not pieces:
             return split
         return (min(pieces), split[1])
+
+    def _gated_heads(self, node: fx.Node, src: fx.Node) -> int:
+        """Heads of an attention output that `node` (elementwise) combines with `src`, reached back from the
+        other operand through layout ops only; 0 if the other operand is no attention output."""
+        layout = RESHAPE_OPS | {"transpose", "permute", "contiguous", "clone", "_to_copy", "to", "flatten"}
+        for a in node.all_input_nodes:
+            while a is not src and val(a) is not None and op_name(a) in layout:
+                a = a.args[0]
+            if a is not src and op_name(a) == "scaled_dot_product_attention":
+                return numeric_shape(shape(a))[-3]
+        return 0
 
     def _unsplit_kv(self, attention: fx.Node, src: fx.Node) -> bool:
         """`src` is SDPA's key or value and its heads axis (-3) was never split from the features."""
@@ -264,7 +282,7 @@ class Analysis:
                 # Query heads are inserted (and copied) in whole groups of the heads that share a KV head: a
                 # step that packs a one-token query onto the KV heads ([b, n_q, 1, d] -> [b, n_kv, n_q/n_kv, d])
                 # then keeps each inserted group on the KV axis, beside its own inserted KV head.
-                group = step if r.operands == {"query"} and r.heads % step == 0 else 1
+                group = step if r.operands in ({"query"}, {"gate"}) and r.heads % step == 0 else 1
                 out[node] = Width(int(Fraction(o * extra_heads, n_q)), "heads", r.unit * group)
             elif r.kind == "ffn":
                 size = Fraction(o * spec.extra_ffn, r.inner)
