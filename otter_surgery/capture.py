@@ -142,7 +142,7 @@ def capture(model: nn.Module, strategy: str | None = None, shape: tuple[int, int
         try:
             return _export(model, takes_mask, strategy, shape)
         except _Specialized as exc:
-            tried.append(f"{strategy}: {exc.detail}")
+            tried.append(exc.detail)
     raise CaptureError(f"torch.export could not capture {type(model).__name__} with any strategy "
                        f"({'; '.join(tried)})")
 
@@ -177,7 +177,8 @@ def _export(model: nn.Module, takes_mask: bool, strategy: str, shape: tuple[int,
             ep = torch.export.export(wrapper, (), kwargs=kwargs, dynamic_shapes=dyn, strict=False)
     except Exception as exc:  # torch.export raises many types; name the cause and keep the chain
         if "specialized it to be a constant" in str(exc) and strategy != CAPTURE_STRATEGIES[-1]:
-            raise _Specialized(str(exc).split("\n")[0]) from exc
+            line = next(x for x in str(exc).splitlines() if "specialized it to be a constant" in x)
+            raise _Specialized(f"{strategy}: {line.strip(' -')}") from exc
         where = "" if shape is None else f" for inputs of shape {tuple(shape)}"
         raise CaptureError(f"torch.export could not capture {type(model).__name__}{where} "
                            f"(strategy {strategy!r}): {exc}") from exc
