@@ -546,9 +546,42 @@ def cat(ctx: Context, node: fx.Node) -> Comp | None:
             parts.append(ctx.cache_companion(t, c))
         elif _parameter_derived(ctx, t):
             parts.append(_widen_parameter(ctx, t, c.axis, c.size, c.unit))
+        elif (per_unit := _per_unit_parameter(ctx, t, c.axis)) is not None:
+            parts.append(_broadcast_unit_parameter(ctx, t, per_unit, c))
         else:
             _fail(node, "concatenates tensors with and without inserted dims")
     return replace(c, node=ctx.emit(node.target, (parts, node.args[1] if len(node.args) > 1 else 0)))
+
+
+_LAYOUT_OPS = RESHAPE_OPS | {"expand", "unsqueeze", "to", "_to_copy", "clone", "contiguous", "detach"}
+
+
+def _per_unit_parameter(ctx: Context, t: fx.Node, axis: int) -> fx.Node | None:
+    """The 1-D parameter behind `t` if `t` only lays it out along `axis` and broadcasts it (attention sinks:
+    one logit per head, reshaped to [1, h, 1, 1] and expanded to [b, h, s, 1]), else None."""
+    chain, n = [], t
+    while get_attr_tensor(ctx.gm, n) is None:
+        if n.op != "call_function" or op_name(n) not in _LAYOUT_OPS or not isinstance(n.args[0], fx.Node):
+            return None
+        chain.append(n)
+        n = n.args[0]
+    p = get_attr_tensor(ctx.gm, n)
+    shaped = next((x for x in chain if op_name(x) != "expand"), n)  # the layout before the broadcast
+    sh = numeric_shape(shape(shaped)) if val(shaped) is not None else []
+    units = numeric_shape([shape(t)[axis]])[0]
+    if p.dim() != 1 or p.shape[0] != units or len(sh) != ndim(t) or sh[axis] != units or product(sh) != units:
+        return None
+    return n
+
+
+def _broadcast_unit_parameter(ctx: Context, t: fx.Node, p: fx.Node, c: Comp) -> fx.Node:
+    """The inserted heads' slice of a per-head parameter, laid out and broadcast like `t`."""
+    view = [1] * ndim(t)
+    view[c.axis] = c.size
+    sizes = [-1 if i == c.axis else (concrete_size(s) if concrete_size(s) is not None
+                                     else ctx.emit(aten.sym_size.int, (t, i))) for i, s in enumerate(shape(t))]
+    x = ctx.emit(aten.reshape.default, (ctx.companion_param(p, 0, c.size, c.unit), view))
+    return ctx.emit(aten.expand.default, (ctx.emit(aten.to.dtype, (x, val(t).dtype)), sizes))
 
 
 @rule("stack")
