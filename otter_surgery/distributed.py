@@ -28,17 +28,21 @@ def launched() -> bool:
         return False
 
 
-def accelerator_for(accelerator: Any | None) -> Any | None:
-    """The Accelerator to train with: the caller's, a fresh one when launched distributed, else None."""
+def accelerator_for(accelerator: Any | None, find_unused: bool = False) -> Any | None:
+    """The Accelerator to train with: the caller's, a fresh one when launched distributed, else None.
+
+    find_unused: some inserted parameters get no gradient (a signal the objective does not train); DDP must
+    then look for them after each backward, or it stops with "Expected to have finished reduction"."""
     if accelerator is None and not launched():
         return None
     if accelerator is None:
         try:
             from accelerate import Accelerator
+            from accelerate.utils import DistributedDataParallelKwargs
         except ImportError as e:  # torchrun without accelerate installed
             raise OtterError(f"this process was launched distributed (WORLD_SIZE={os.environ.get('WORLD_SIZE')}); "
                              "otter.train runs distributed through accelerate: pip install accelerate") from e
-        accelerator = Accelerator()
+        accelerator = Accelerator(kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused)])
         if accelerator.num_processes != int(os.environ["WORLD_SIZE"]):
             # e.g. torchrun on a machine without GPUs: accelerate falls back to one process per rank, and each
             # rank would silently train on its own

@@ -178,7 +178,8 @@ def train(omodel: OtterModel, data: list[dict] | str, objective: str = "pairwise
         raise ValueError("no training examples")
     params = list(omodel.inserted_parameters().values())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    accelerator = distributed.accelerator_for(accelerator)
+    # a spec with several signals has inserted heads this objective leaves without gradient
+    accelerator = distributed.accelerator_for(accelerator, find_unused=len(omodel.spec.signals) > 1)
     model, rank, world = omodel, 0, 1  # model: what the forward runs through (the DDP wrapper when distributed)
     if accelerator is not None:
         model, opt = distributed.prepare(accelerator, omodel, opt)

@@ -69,24 +69,30 @@ SCRIPT = textwrap.dedent('''
     adamw = torch.optim.AdamW
     init = {k: p.detach().clone() for k, p in omodel.inserted_parameters().items()}
     results = {}
+    inserted = {}
     for current, optimizer, batch_size, grad_accum in runs:
         with torch.no_grad():  # every run starts from the same inserted parameters
             for k, p in omodel.inserted_parameters().items():
                 p.copy_(init[k])
+        trained = omodel
+        if current == "multi":  # two signals: the calibration head gets no gradient from a pairwise loss
+            trained = otter.insert(model, otter.InsertSpec(extra_dim=8, extra_heads=3, extra_ffn=16, seed=0,
+                                                           signal=("reward", "calibration")))
+        inserted[current] = sorted("graph_module.otter." + k for k, _ in trained.graph_module.otter.named_parameters())
         # plain SGD: the update is -lr * the all-reduced gradient itself
         torch.optim.AdamW = adamw if optimizer == "adamw" else (
             lambda params, lr, weight_decay: torch.optim.SGD(params, lr=lr))
-        result = otter.train(omodel, pairs, "pairwise", steps=6, batch_size=int(batch_size),
+        result = otter.train(trained, pairs, "pairwise", steps=6, batch_size=int(batch_size),
                              grad_accum=int(grad_accum), lr=3e-3 if optimizer == "adamw" else 0.05,
                              eval_data=pairs[:9], progress=False)
         results[current] = {"losses": result.losses, "evals": result.evals}
-        save_file({k: v.detach().contiguous() for k, v in omodel.inserted_parameters().items()},
+        save_file({k: v.detach().contiguous() for k, v in trained.inserted_parameters().items()},
                   f"{out}/{current}_rank{rank}.safetensors")
     with torch.no_grad():
         untouched = torch.equal(model(input_ids=probe).logits, reference) and torch.equal(
             omodel(input_ids=probe).logits, reference)
     json.dump({"runs": results, "seen": seen, "synced": synced,
-               "inserted": sorted("graph_module.otter." + k for k, _ in omodel.graph_module.otter.named_parameters()),
+               "inserted": inserted,
                "world": int(os.environ.get("WORLD_SIZE", 1)), "untouched": untouched,
                "forward_restored": "forward" not in omodel.__dict__ and not hasattr(omodel, "_ddp_params_and_buffers_to_ignore")},
               open(f"{out}/rank{rank}.json", "w"))
@@ -136,16 +142,16 @@ def _max_diff(a: dict, b: dict) -> float:
 def runs(tmp_path_factory) -> dict:
     tmp = tmp_path_factory.mktemp("accelerate")
     # the same global batch: 1 x 4 x accum 2 == 2 x 2 x accum 2 (SGD), 1 x 8 == 2 x 4 (AdamW)
-    return {"one": _run(tmp, "one", 1, ["sgd:sgd:4:2", "adamw:adamw:8:1"]),
-            "two": _run(tmp, "two", 2, ["sgd:sgd:2:2", "adamw:adamw:4:1"])}
+    return {"one": _run(tmp, "one", 1, ["sgd:sgd:4:2", "adamw:adamw:8:1", "multi:adamw:8:1"]),
+            "two": _run(tmp, "two", 2, ["sgd:sgd:2:2", "adamw:adamw:4:1", "multi:adamw:4:1"])}
 
 
 def test_two_processes_really_ran_and_synchronize_only_inserted_parameters(runs):
     (one,), two = runs["one"], runs["two"]
     assert [r["world"] for r in two] == [2, 2] and one["world"] == 1
     for r in two:
-        for run in ("sgd", "adamw"):  # the frozen base is never registered with DDP
-            assert r["synced"][run] and sorted(r["synced"][run]) == r["inserted"]
+        for run in ("sgd", "adamw", "multi"):  # the frozen base is never registered with DDP
+            assert r["synced"][run] and sorted(r["synced"][run]) == r["inserted"][run]
         assert r["untouched"] and r["forward_restored"]
     assert one["synced"] == {}  # the plain loop: no DDP at all
 
@@ -230,3 +236,13 @@ def test_sharded_and_misdetected_launches_are_refused(tiny_llama, monkeypatch):
         finally:
             AcceleratorState._reset_state(True)  # the Accelerator singleton must not leak into other tests
     assert all(torch.equal(before[k], p) for k, p in omodel.inserted_parameters().items())
+
+
+def test_a_signal_the_objective_does_not_train_does_not_stop_ddp(runs):
+    """reward + calibration inserted, pairwise trained: the calibration head gets no gradient, which plain DDP
+    refuses on the second step ("Expected to have finished reduction"); it trains, stays identical across
+    ranks, and follows the single-process loss curve."""
+    one, r0, r1 = _pair(runs, "multi")
+    assert len(r0["losses"]) == 6 and all(math.isfinite(x) for x in r0["losses"])
+    assert all(torch.equal(r0["params"][k], r1["params"][k]) for k in r0["params"])
+    assert r0["losses"] == pytest.approx(one["losses"], rel=1e-6, abs=0)
