@@ -102,6 +102,8 @@ def train_medusa1(heads: Medusa1Heads, texts, hidden, *, steps: int, batch_size:
         loss.backward()
         opt.step()
         losses.append(loss.item())
+        if len(losses) % 10 == 0:
+            print(f"(c) step {len(losses)}: loss {losses[-1]:.3f}", flush=True)
     return losses
 
 
@@ -233,6 +235,8 @@ def main() -> None:
     ap.add_argument("--init", default="copy")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--adapter", default=None, help="load (b)'s heads from train_medusa.py's adapter instead")
+    ap.add_argument("--medusa1-heads", default=None,
+                    help="file for (c)'s trained heads: loaded if it exists (skips training), else written")
     ap.add_argument("--decode-prompts", type=int, default=8)
     ap.add_argument("--decode-new", type=int, default=64)
     ap.add_argument("--batches", default="1,4")
@@ -267,6 +271,7 @@ def main() -> None:
         train_b.update(seconds=time.perf_counter() - t0, final_loss=res.losses[-1], top1_before=before,
                        loss_every_10=res.losses[::10])
     acc_b = head_accuracy(omodel, test_texts, test_lens)
+    print(f"distilled in {distill_s:.0f} s; (b) held-out top-1 {acc_b}", flush=True)
     params_b = omodel.parameter_counts()["inserted"]
 
     # (c) Medusa-1 heads, same data / steps / lr / batch / seed
@@ -276,9 +281,17 @@ def main() -> None:
     hidden = base_hidden(base, train_texts)
     test_hidden = base_hidden(base, test_texts)
     before_c = medusa1_accuracy(heads, test_hidden, test_texts, test_lens)
-    losses_c = train_medusa1(heads, train_texts, hidden, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                             seed=args.seed)
-    train_c_s = time.perf_counter() - t0
+    if args.medusa1_heads and os.path.exists(args.medusa1_heads):  # heads trained by an earlier run of this script
+        saved = torch.load(args.medusa1_heads)
+        heads.load_state_dict(saved["state"])
+        losses_c, train_c_s = saved["losses"], saved["seconds"]
+    else:
+        losses_c = train_medusa1(heads, train_texts, hidden, steps=args.steps, batch_size=args.batch_size,
+                                 lr=args.lr, seed=args.seed)
+        train_c_s = time.perf_counter() - t0
+        if args.medusa1_heads:
+            torch.save({"state": heads.state_dict(), "losses": losses_c, "seconds": train_c_s}, args.medusa1_heads)
+    print(f"(c) trained: {train_c_s:.0f} s, final loss {losses_c[-1]:.3f}", flush=True)
     heads.eval().requires_grad_(False)
     acc_c = medusa1_accuracy(heads, test_hidden, test_texts, test_lens)
     params_c = sum(p.numel() for p in heads.parameters())
@@ -290,6 +303,7 @@ def main() -> None:
         groups = [left_pad(test_p[i:i + batch], 0) for i in range(0, args.decode_prompts - batch + 1, batch)]
         methods = run_methods(omodel, base, heads, counter, batch, args.lookup, args.decode_new)
         measured = bench(methods, groups, args.decode_new, args.repeats)
+        print(f"batch {batch} timed", flush=True)
         ref_ms = measured["(a) greedy, otter.generate"]["ms_per_token"]
         hf_ms = measured["(a') greedy, HF model.generate"]["ms_per_token"]
         extra = {"(a) greedy, otter.generate": params_b, "(a') greedy, HF model.generate": 0,
