@@ -41,6 +41,7 @@ class SupportRow:
     decodes: bool = False
     note: str = ""
     decode_note: str = ""
+    strategy: str = ""  # how the sequence length was captured (capture.CAPTURE_STRATEGIES)
 
 
 def check_family(arch: str) -> SupportRow:
@@ -68,6 +69,7 @@ def check_family(arch: str) -> SupportRow:
                 step = Analysis(graph).heads_step()  # read off the graph, not the config
             omodel = otter.insert(model, otter.InsertSpec(extra_dim=4, extra_heads=step, extra_ffn=8))
             row.inserted = True
+            row.strategy = omodel.capture_strategy
             gen = torch.Generator().manual_seed(0)
             ids = torch.randint(3, vocab_size(model), (2, 9), generator=gen)
             mask = torch.ones_like(ids)
@@ -137,6 +139,7 @@ def markdown(rows: list[SupportRow]) -> str:
              "|---|---|---|---|---|---|---|"]
     for r in rows:
         note = (r.note or r.decode_note).replace("|", "/").replace("\n", " ")
+        note += f" (captured {r.strategy})" if r.strategy not in ("", "dynamic") else ""
         lines.append(f"| {r.arch} | {yes[r.captured]} | {yes[r.inserted]} | {yes[r.fp32]} | {yes[r.bf16]} | "
                      f"{yes[r.decodes]} | {note} |")
     return "\n".join(lines)
