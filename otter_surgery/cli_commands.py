@@ -11,7 +11,6 @@ import torch
 
 from .cli_util import (InputError, emit_json, load_model, load_otter, median_seconds, pad_id_of, require_dir,
                        response_mask, say, score, spec_from_args, table)
-from .errors import OtterError
 
 SIGNAL_OF = {"regression": "reward", "pairwise": "reward", "calibration": "calibration", "medusa": "medusa",
              "genarm": "calibration"}
@@ -282,4 +281,4 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["cmd_insert", "cmd_verify", "cmd_train", "cmd_generate", "cmd_bench", "OtterError"]
+__all__ = ["cmd_insert", "cmd_verify", "cmd_train", "cmd_generate", "cmd_bench"]
