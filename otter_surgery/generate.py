@@ -276,14 +276,18 @@ def _scores(logits: torch.Tensor, out: StepOutput, guide) -> torch.Tensor:
     """The scores a token is chosen by, for the guides that need no extra forward."""
     if guide is None:
         return logits
-    calibration = out.signals["calibration"][:, -1].float()
     if isinstance(guide, Calibrated):
+        calibration = out.head_logits("calibration").float()
         scores = logits.log_softmax(-1) + guide.alpha * calibration.log_softmax(-1)
         if guide.top_p is not None:
             scores = scores.masked_fill(~_nucleus(logits, guide.top_p), float("-inf"))
         return scores
     top, cand = logits.topk(guide.top_k, dim=-1)  # token-level reward over the base's top-k
-    score = top + guide.weight * calibration.log_softmax(-1).gather(-1, cand)
+    # logit + weight * log_softmax(head) at the candidates. log_softmax(head) = head - logsumexp(head), and the
+    # logsumexp is one number per row: it shifts every candidate's score alike, so it changes neither the argmax
+    # nor a softmax over the scores (sampling). Dropping it, only the k candidates' rows of the head's output
+    # matrix are read (k x d instead of vocab x d per token).
+    score = top + guide.weight * out.head_logits("calibration", tokens=cand).float()
     return torch.full_like(logits, float("-inf")).scatter(-1, cand, score)
 
 

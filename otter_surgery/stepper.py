@@ -34,19 +34,33 @@ class StepOutput:
 
     logits: torch.Tensor
     signals: dict[str, torch.Tensor]
-    # Tied medusa heads in a decode step: signals["medusa"] holds their projections [rows, new, K, d] and this
-    # [vocab, d] matrix reads them out, for the one position speculative decoding needs (K x vocab x d
-    # multiply-adds instead of K x new x vocab x d).
-    medusa_readout: torch.Tensor | None = None
+    # Tied vocab heads in a decode step (medusa, calibration): signals[name] holds their projections
+    # [rows, new, K, d] and readouts[name], the frozen [vocab, d] output matrix, reads them out only where a
+    # decoder needs logits: one position (speculative drafts), or only the k candidate tokens (token-level ARGS),
+    # instead of every position over the whole vocabulary.
+    readouts: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def rows(self, index: torch.Tensor) -> "StepOutput":
-        return StepOutput(self.logits[index], {k: v[index] for k, v in self.signals.items()}, self.medusa_readout)
+        return StepOutput(self.logits[index], {k: v[index] for k, v in self.signals.items()}, self.readouts)
+
+    def head_logits(self, name: str, position: torch.Tensor | None = None, tokens: torch.Tensor | None = None):
+        """A vocab head's logits at `position` [rows] of this step's new tokens (default: the last), over the
+        whole vocabulary ([rows, (K,) vocab]) or only at `tokens` [rows, k] (then [rows, k], one head)."""
+        heads = self.signals[name]
+        rows = torch.arange(heads.shape[0], device=heads.device)
+        at = heads[rows, -1] if position is None else heads[rows, position]
+        readout = self.readouts.get(name)
+        if readout is None:  # the graph already read the heads out
+            return at if tokens is None else at.gather(-1, tokens)
+        if tokens is None:
+            y = at @ readout.t()
+            return y[..., 0, :] if name == "calibration" else y
+        # [rows, 1, d] x [rows, d, k]: k rows of the output matrix per row instead of all of them
+        return torch.bmm(at[:, :1], readout[tokens].transpose(1, 2))[:, 0]
 
     def medusa_logits(self, position: torch.Tensor) -> torch.Tensor:
         """The medusa heads' logits [rows, K, vocab] at `position` [rows] of this step's new tokens."""
-        heads = self.signals["medusa"]
-        at = heads[torch.arange(heads.shape[0], device=heads.device), position]
-        return at if self.medusa_readout is None else at @ self.medusa_readout.t()
+        return self.head_logits("medusa", position)
 
 
 @dataclass
@@ -95,7 +109,7 @@ class _StepGraph:
         self.gm = captured.graph_module
         ctx = rewrite(self.gm, omodel.spec, freeze=False)
         _share_inserted(omodel, self.gm, ctx.param_names)
-        self.readout = _medusa_projections_out(self.gm, ctx)
+        self.readouts = _projections_out(self.gm, ctx)
         self.merged = merge_side_gemms(self.gm, store)
         self.run = self.gm
         self.reference = captured.reference
@@ -105,20 +119,25 @@ class _StepGraph:
         self.inserted_order = [n.meta["otter_cache_companion"] for n in holders if "otter_cache_companion" in n.meta]
 
 
-def _medusa_projections_out(gm: fx.GraphModule, ctx) -> torch.Tensor | None:
-    """In a decode step, return the tied medusa heads' projections instead of their logits at every new
-    position (the vocab matmul is then dead code): speculative decoding reads one position per step."""
-    if "medusa" not in ctx.signal_nodes or "medusa_heads" not in ctx.vocab_readout:
-        return None
-    z, weight, transposed = ctx.vocab_readout["medusa_heads"]
-    w = get_attr_tensor(gm, weight)
-    if w is None:
-        return None  # an output matrix computed in the graph: keep the heads' logits as they are
+def _projections_out(gm: fx.GraphModule, ctx) -> dict[str, torch.Tensor]:
+    """In a decode step, return the tied vocab heads' projections instead of their logits at every new position
+    (the vocab matmuls are then dead code): decoders read them out where they need them (StepOutput.head_logits).
+    Returns {signal: its [vocab, d] output matrix}."""
+    readouts = {}
     out = next(n for n in gm.graph.nodes if n.op == "output")
-    out.args = (tuple(z if a is ctx.signal_nodes["medusa"] else a for a in out.args[0]),)
-    gm.graph.eliminate_dead_code()
-    gm.recompile()
-    return w.t() if transposed else w
+    for signal, head in (("medusa", "medusa_heads"), ("calibration", "calibration_head")):
+        if signal not in ctx.signal_nodes or head not in ctx.vocab_readout:
+            continue
+        z, weight, transposed = ctx.vocab_readout[head]
+        w = get_attr_tensor(gm, weight)
+        if w is None:
+            continue  # an output matrix computed in the graph: keep the head's logits as they are
+        out.args = (tuple(z if a is ctx.signal_nodes[signal] else a for a in out.args[0]),)
+        readouts[signal] = w.t() if transposed else w
+    if readouts:
+        gm.graph.eliminate_dead_code()
+        gm.recompile()
+    return readouts
 
 
 def _contiguous_inputs(compiled):
@@ -177,7 +196,7 @@ class CachedDecoder:
         inserted = [state.inserted[i] for i in g.inserted_order]
         values = g.run(tokens, state.mask, positions, *state.cache, *inserted)
         n_sig, n_cache = len(self.signals), len(state.cache)
-        out = StepOutput(values[0], dict(zip(self.signals, values[1:1 + n_sig])), g.readout)
+        out = StepOutput(values[0], dict(zip(self.signals, values[1:1 + n_sig])), g.readouts)
         cache = list(values[1 + n_sig:1 + n_sig + n_cache])
         inserted = {i: t for (i, _, _), t in zip(g.layout, values[1 + n_sig + n_cache:])}
         return out, DecodeState(state.mask, positions[:, -1:], cache, inserted)
@@ -273,7 +292,7 @@ class RecomputeStepDecoder(CachedDecoder):
         g = self.graph("recompute", masked=not bool(state.mask.all()))
         values = g.run(seq, state.mask, _positions(state.mask))
         new = tokens.shape[1]
-        out = StepOutput(values[0][:, -new:], {k: v[:, -new:] for k, v in zip(self.signals, values[1:])})
+        out = StepOutput(values[0][:, -new:], {k: v[:, -new:] for k, v in zip(self.signals, values[1:])}, g.readouts)
         return out, replace(state, last_position=positions[:, -1:], tokens=seq)
 
     def empty_state(self, attention_mask):

@@ -276,3 +276,17 @@ def test_models_without_a_cache_decode_as_generate_does(arch):
                                   eos_token_id=None, min_new_tokens=5)
         assert torch.equal(out.sequences, want), (arch, mask.tolist())
         assert out.stats["cached"] is False and out.rewards.shape == (3, 5)
+
+
+def test_decode_steps_read_the_calibration_head_out_only_where_needed(guided):
+    """A decode step returns the tied calibration head's projection (width d, not vocab); head_logits reads it
+    out over the vocabulary, or at k candidate tokens only (what token-level ARGS needs), and both agree with
+    the full forward's calibration logits (other GEMM shapes: up to the last bits)."""
+    model, omodel, ids, mask = guided
+    dec = decoder(omodel)
+    out, state = dec.start(ids, mask)
+    assert "calibration" in out.readouts and out.signals["calibration"].shape[-1] == 24  # d, not the 53 tokens
+    full = _full(omodel, ids, mask).calibration[:, -1]
+    torch.testing.assert_close(out.head_logits("calibration"), full)
+    cand = torch.tensor([[5, 9, 11], [3, 3, 52], [40, 7, 0]])
+    torch.testing.assert_close(out.head_logits("calibration", tokens=cand), full.gather(-1, cand))

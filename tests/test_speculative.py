@@ -114,7 +114,7 @@ def test_decode_steps_read_the_medusa_heads_out_at_one_position(medusa_model):
     out, state = dec.start(ids, mask)
     chain = torch.randint(3, 61, (2, 4), generator=torch.Generator().manual_seed(7))
     vout, _ = dec.verify(chain, state)
-    assert vout.medusa_readout is not None and vout.signals["medusa"].shape[-1] == 24  # projections, width d
+    assert "medusa" in vout.readouts and vout.signals["medusa"].shape[-1] == 24  # projections, width d
     with torch.no_grad():
         full = medusa_model(input_ids=torch.cat([ids, chain], 1),
                             attention_mask=torch.cat([mask, torch.ones_like(chain)], 1)).medusa
