@@ -202,8 +202,12 @@ def print_side_by_side(args, prompts: list, runs: dict, width: int = 34) -> None
     mean = {k: (sum(v["rewards"]) / len(v["rewards"]) if v["rewards"] else None) for k, v in runs.items()}
     if mean["guided"] is not None:
         say(args, f"mean reward: guided {mean['guided']:+.3f}, unguided {mean['unguided']:+.3f}")
-    say(args, f"ms/token (per decoding step, batch of {len(prompts)}): guided {g['ms_per_token']:.1f}, unguided "
-              f"{u['ms_per_token']:.1f} ({g['ms_per_token'] / max(u['ms_per_token'], 1e-9):.2f}x)")
+    say(args, f"ms/token (decode wall time / new tokens per row, batch of {len(prompts)}): guided "
+              f"{g['ms_per_token']:.1f}, unguided {u['ms_per_token']:.1f} "
+              f"({g['ms_per_token'] / max(u['ms_per_token'], 1e-9):.2f}x)")
+    if "mean_accepted_length" in g["stats"]:  # speculative decoding: how many drafted tokens each forward kept
+        say(args, f"speculative: mean accepted length {g['stats']['mean_accepted_length']:.2f}, "
+                  f"forwards per token {g['stats'].get('forwards_per_token', float('nan')):.2f}")
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
