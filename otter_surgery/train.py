@@ -75,6 +75,12 @@ def _continuation_logprob(logits: torch.Tensor, ids: torch.Tensor, lengths: list
     return (logp * (positions >= width - n)).sum(1)
 
 
+def _to_model(model, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The batch on the device of the model's parameters (accelerate places the model on the rank's GPU)."""
+    device = next(model.parameters()).device
+    return tuple(t.to(device) for t in tensors)
+
+
 def batch_loss(omodel: OtterModel, examples: list[dict], objective: str, *, pad_id: int = 0,
                alpha: float = 1.0) -> tuple[torch.Tensor, dict]:
     """Loss of one batch and its metrics (pair accuracy for pairwise, ...)."""
@@ -82,20 +88,21 @@ def batch_loss(omodel: OtterModel, examples: list[dict], objective: str, *, pad_
         n = len(examples)
         conts = [e["chosen"] for e in examples] + [e["rejected"] for e in examples]
         prompts = [e["prompt"] for e in examples] * 2
-        ids, mask = pad([list(p) + list(c) for p, c in zip(prompts, conts)], pad_id)
+        ids, mask = _to_model(omodel, *pad([list(p) + list(c) for p, c in zip(prompts, conts)], pad_id))
         logp = _continuation_logprob(omodel(input_ids=ids, attention_mask=mask).calibration, ids,
                                      [len(c) for c in conts]) * alpha
         lc, lr = logp[:n], logp[n:]
         return -F.logsigmoid(lc - lr).mean(), {"pair_accuracy": (lc > lr).float().mean().item()}
     if objective == "pairwise":
-        ids, mask = pad([e["chosen"] for e in examples] + [e["rejected"] for e in examples], pad_id)
+        rows = [e["chosen"] for e in examples] + [e["rejected"] for e in examples]
+        ids, mask = _to_model(omodel, *pad(rows, pad_id))
         r = _reward_last(omodel, ids, mask).float()
         rc, rr = r[: len(examples)], r[len(examples):]
         return -F.logsigmoid(rc - rr).mean(), {"pair_accuracy": (rc > rr).float().mean().item()}
-    ids, mask = pad([e["input_ids"] for e in examples], pad_id)
+    ids, mask = _to_model(omodel, *pad([e["input_ids"] for e in examples], pad_id))
     if objective == "regression":
         r = _reward_last(omodel, ids, mask).float()
-        score = torch.tensor([float(e["score"]) for e in examples])
+        score = torch.tensor([float(e["score"]) for e in examples], device=r.device)
         loss = F.mse_loss(r, score)
         return loss, {"mse": loss.item()}
     out = omodel(input_ids=ids, attention_mask=mask)
