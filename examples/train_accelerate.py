@@ -1,7 +1,8 @@
 """otter.train on 1 process vs 2 processes under `accelerate launch` (DDP, CPU/gloo): time per step and whether
 the inserted parameters agree. Prints a table, writes JSON.
 
-    python examples/train_accelerate.py [--models tiny smollm2] [--steps 8] [--repeats 3] [--out examples/results/accelerate.json]
+    python examples/train_accelerate.py [--models tiny smollm2] [--steps 8] [--repeats 3]
+                                        [--out examples/results/accelerate.json]
 
 For each model: the same global batch (1 process x B, 2 processes x B/2), the same seed, `otter.train` unchanged
 (pairwise objective). The 2-process run is `ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2`
@@ -41,8 +42,9 @@ def build(name: str):
         from otter_surgery.testing import build_model
 
         torch.manual_seed(0)
-        cfg = AutoConfig.for_model("llama", vocab_size=61, hidden_size=24, intermediate_size=20, num_hidden_layers=2,
-                                   num_attention_heads=6, num_key_value_heads=2, head_dim=8, max_position_embeddings=128)
+        cfg = AutoConfig.for_model("llama", vocab_size=61, hidden_size=24, intermediate_size=20,
+                                   num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=2, head_dim=8,
+                                   max_position_embeddings=128)
         g = torch.Generator().manual_seed(0)
         pairs = []
         for _ in range(64):

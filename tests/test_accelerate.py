@@ -94,7 +94,8 @@ SCRIPT = textwrap.dedent('''
     json.dump({"runs": results, "seen": seen, "synced": synced,
                "inserted": inserted,
                "world": int(os.environ.get("WORLD_SIZE", 1)), "untouched": untouched,
-               "forward_restored": "forward" not in omodel.__dict__ and not hasattr(omodel, "_ddp_params_and_buffers_to_ignore")},
+               "forward_restored": "forward" not in omodel.__dict__
+               and not hasattr(omodel, "_ddp_params_and_buffers_to_ignore")},
               open(f"{out}/rank{rank}.json", "w"))
 ''')
 
