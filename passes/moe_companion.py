@@ -10,10 +10,11 @@ companion. So routing reads only the original dims, every expert computes what i
 
 where x is the block input (the norm output the router reads): `extra_ffn` inserted units reading [h ; e]
 and writing only e, like the inserted units of a dense FFN, always active (inserted experts behind a router
-of their own would keep the base exact too; one dense FFN is the simplest choice and trains on every token). act is the experts' own activation as
-found in the region (silu for most families). init="copy" copies a shared expert when the block has one
-(a dense FFN that every token meets), else routed expert 0 of the stacked expert weights [E, out, in]
-(or [E, in, out]); "normal" / "random" draw as for a dense FFN.
+of their own would keep the base exact too; one dense FFN is the simplest choice and trains on every
+token). act is the experts' own activation as found in the region (silu for most families). init="copy"
+copies a shared expert when the block has one (a dense FFN that every token meets), else routed expert 0
+of the stacked expert weights [E, out, in] (or [E, in, out]): a fixed choice that needs no forward pass at
+insert() time; "normal" / "random" draw as for a dense FFN.
 """
 from __future__ import annotations
 
