@@ -142,15 +142,25 @@ class _StderrHandler(logging.StreamHandler):
 
     stream = property(lambda self: sys.stderr, lambda self, value: None)
 
+    def filter(self, record: logging.LogRecord) -> bool:
+        # each decode-step capture re-runs the analysis and logs the same choice again: say it once
+        seen = self.__dict__.setdefault("_seen", set())
+        message = record.getMessage()
+        if message in seen:
+            return False
+        seen.add(message)
+        return super().filter(record)
+
 
 def _show_library_notes() -> None:
     """The library logs its choices at INFO (e.g. the extra_heads it picked): a CLI user should see them."""
     logger = logging.getLogger("otter_surgery")
-    if not any(getattr(h, "_otter_cli", False) for h in logger.handlers):
+    handler = next((h for h in logger.handlers if isinstance(h, _StderrHandler)), None)
+    if handler is None:
         handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("note: %(message)s"))
-        handler._otter_cli = True
         logger.addHandler(handler)
+    handler._seen = set()  # once per command
     logger.setLevel(logging.INFO)
 
 
