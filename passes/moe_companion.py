@@ -130,9 +130,9 @@ def _shared_expert(gm, region: MoERegion, d: int):
         ups = [u for u in ups if reads_input(linears[u])]
         inner = info.in_features
         down = _weight(gm, info)
-        if len(ups) == 1 and linears[ups[0]].out_features == 2 * inner:
-            w = _weight(gm, linears[ups[0]])
-            return w[:inner], w[inner:], down
+        if len(ups) == 1 and linears[ups[0]].out_features in (inner, 2 * inner):
+            w = _weight(gm, linears[ups[0]])  # fused gate_up (halves), or one up linear with no gate
+            return (w[:inner], w[inner:], down) if w.shape[0] == 2 * inner else (w, w, down)
         if len(ups) == 2 and all(linears[u].out_features == inner for u in ups):
             gated = [u for u in ups if _feeds_activation(u)]
             gate = gated[0] if len(gated) == 1 else ups[0]

@@ -7,11 +7,12 @@ import otter_surgery as otter
 from otter_surgery import testing as ot
 from otter_surgery.analyze import Analysis
 from otter_surgery.capture import capture
+from otter_surgery.errors import module_path
 from otter_surgery.initialize import spread_index
 from otter_surgery.support import tiny_config
 
 from .conftest import state_digest
-from .plain_models import NanoGPT
+from .plain_models import NanoBlock, NanoGPT
 from .test_any_decoder import check_matters
 
 # Routers: softmax top-k (mixtral, olmoe), top-k + a sigmoid-gated shared expert (qwen2_moe), top-k in a
@@ -166,9 +167,44 @@ def test_region_detection_does_not_fire_on_dense_models():
 
 def test_the_region_holds_router_experts_and_shared_expert_and_nothing_else():
     (region,) = Analysis(captured("qwen2_moe")).moe_regions
-    from otter_surgery.errors import module_path
-
     paths = {module_path(n) for n in region.nodes}
     assert region.module == "model.layers.0.mlp"
     assert {"model.layers.0.mlp.gate", "model.layers.0.mlp.shared_expert"} <= {p for p in paths if p.count(".") == 4}
     assert not any("self_attn" in p or "layernorm" in p for p in paths), paths
+
+
+class PlainMoE(torch.nn.Module):
+    """A plain-PyTorch decoder (not transformers) whose FFN is a top-2 mixture of 2-D nn.Linear experts, every
+    expert computed densely and weighted by a scatter of the top-k router probabilities: another dispatch
+    (scatter, no index / grouped mm), LayerNorm, GELU, a bias on every expert."""
+
+    def __init__(self, vocab=50, d=16, n_experts=4, inner=12):
+        super().__init__()
+        self.emb = torch.nn.Embedding(vocab, d)
+        self.attn = NanoBlock(d, 2, 64)  # attention + dense MLP block: must keep its inserted heads and units
+        self.norm, self.out_norm = torch.nn.LayerNorm(d), torch.nn.LayerNorm(d)
+        self.router = torch.nn.Linear(d, n_experts, bias=False)
+        self.up = torch.nn.ModuleList(torch.nn.Linear(d, inner) for _ in range(n_experts))
+        self.down = torch.nn.ModuleList(torch.nn.Linear(inner, d) for _ in range(n_experts))
+        self.head = torch.nn.Linear(d, vocab, bias=False)
+
+    def forward(self, idx):
+        h = self.attn(self.emb(idx))
+        x = self.norm(h)
+        top, sel = self.router(x).softmax(-1).topk(2, dim=-1)
+        gates = torch.zeros_like(self.router(x)).scatter(-1, sel, top)
+        y = sum(gates[..., e:e + 1] * down(torch.nn.functional.gelu(up(x)))
+                for e, (up, down) in enumerate(zip(self.up, self.down)))
+        return self.head(self.out_norm(h + y))
+
+
+def test_plain_pytorch_moe_with_scatter_dispatch():
+    torch.manual_seed(0)
+    model = PlainMoE().eval()
+    (region,) = Analysis(capture(model).graph_module).moe_regions
+    assert {module_path(n).split(".")[0] for n in region.nodes} <= {"router", "up", "down", "m"}  # not attn, emb
+    omodel = otter.insert(model, otter.InsertSpec(extra_dim=4, extra_heads=2, extra_ffn=6))
+    names = omodel.inserted_parameters()
+    assert any("moe_ffn" in k for k in names) and any("c_attn" in k for k in names)  # the dense block widened
+    assert otter.verify(model, omodel, max_examples=50, max_batch=2, max_seq=16).examples == 50
+    check_matters(model, omodel, 50)
