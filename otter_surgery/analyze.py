@@ -143,7 +143,15 @@ class Analysis:
                 info = self.linears.get(u)
                 if info is not None and info.x is n:
                     heads = split is not None and split[0] > 1  # a provisional one-head split is no head split
-                    found.append(Role("heads", *split) if heads else Role("ffn", inner=info.in_features))
+                    if heads:
+                        found.append(Role("heads", *split))
+                    elif self.linears[linear].out_features % info.in_features == 0:
+                        found.append(Role("ffn", inner=info.in_features))
+                    else:
+                        # Outputs that are no whole multiple of the reader's inputs: no plain or fused FFN
+                        # projection but a side input (a per-head scale, a decay, a dynamic mask) mixed into
+                        # what the reader reads. It gets no inserted outputs; ops needing them refuse by name.
+                        found.append(Role("none"))
                     continue
                 seen.add(u)
                 if name in ("add", "sub") and any(a in self.residual for a in u.all_input_nodes if a is not n):

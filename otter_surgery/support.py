@@ -81,7 +81,7 @@ def check_family(arch: str) -> SupportRow:
             if dtype == torch.float32:
                 row.decodes, row.decode_note = check_decoding(model, omodel, ids, mask)
         except Exception as exc:
-            row.note = f"{type(exc).__name__}: {str(exc)[:160]}"
+            row.note = _describe(exc)
             break
     return row
 
@@ -104,8 +104,17 @@ def check_decoding(model, omodel, ids, mask) -> tuple[bool, str]:
             if not torch.equal(got, want):
                 return False, f"greedy tokens differ from transformers' generate ({'padded' if not bool(m.all()) else 'unpadded'})"
     except Exception as exc:
-        return False, f"{type(exc).__name__}: {str(exc)[:160]}"
+        return False, _describe(exc)
     return True, ""
+
+
+def _describe(exc: Exception) -> str:
+    """A refusal (an OtterError, which names its node/module/field) as it is; anything else is a crash
+    inside the engine, a bug to fix, and the note says so."""
+    from otter_surgery.errors import OtterError
+
+    text = f"{type(exc).__name__}: {str(exc)[:160]}"
+    return text if isinstance(exc, OtterError) else "crash (not an OtterError): " + text
 
 
 def _run_isolated(arch: str, timeout: float) -> SupportRow:
