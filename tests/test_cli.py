@@ -121,12 +121,19 @@ def test_round_trip_insert_train_verify_generate(tiny, tmp_path, capsys):
 
     from otter_surgery.cli_util import response_mask
 
+    import otter_surgery as otter
+
     tok, model = _tokenizer(), AutoModelForCausalLM.from_pretrained(tiny)
+    omodel = otter.load(model, trained)
     for prompt, r in zip(prompts, gen["results"]):
         ids = torch.tensor([tok(prompt, add_special_tokens=False)["input_ids"]])
         new = model.generate(input_ids=ids, max_new_tokens=5, do_sample=False, pad_token_id=0)[:, ids.shape[1]:]
         keep = response_mask(new, [2])[0].bool()
         assert r["unguided"] == tok.decode(new[0][keep], skip_special_tokens=True)
+        # the reward column: the trained reward at the response's last token (EOS included), row by row here
+        with torch.no_grad():
+            want = omodel(input_ids=torch.cat([ids, new[:, keep]], 1)).reward[0, -1].item()
+        assert r["unguided_reward"] == pytest.approx(want, rel=1e-4, abs=1e-5)
     assert "guided [reward] response" in err and "ms/token" in err  # the side-by-side table (stderr under --json)
 
 
