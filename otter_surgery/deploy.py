@@ -9,6 +9,7 @@ from dataclasses import replace
 import torch
 import torch.fx as fx
 
+from .errors import OtterError
 from .model import OtterModel
 
 
@@ -31,6 +32,12 @@ def compile(omodel: OtterModel, **kwargs) -> OtterModel:  # noqa: A001 - mirrors
     Otter vs compiled original would not: inductor fuses and reorders float ops).
     otter.generate on the result compiles each decode-step graph on first use (tens of seconds each) and checks
     it against the base model's step compiled the same way: greedy tokens are those of the compiled base."""
+    if "_compile_kwargs" in omodel.__dict__:
+        raise OtterError("otter.compile: this model is compiled already")
+    if "_runner" in omodel.__dict__:  # lengths.ShapeDispatch picks a captured graph per input shape
+        raise OtterError(f"otter.compile: this model runs one captured graph per input shape (capture strategy "
+                         f"{omodel.capture_strategy!r}: its code fixes or bounds the sequence length), so one "
+                         f"compiled graph cannot serve it; run it eager")
     kwargs.setdefault("dynamic", True)
     compiled = torch.compile(omodel.graph_module, **kwargs)
     out = OtterModel(omodel.graph_module, omodel.meta, base_model=omodel.base_model)

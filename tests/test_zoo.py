@@ -103,6 +103,8 @@ def test_numpy_mask_is_captured_per_length_sharing_parameters():
         p.sub_(1.0)
     assert not torch.equal(before, moved)
     assert set(omodel.state_dict()) == {f"graph_module.{k}" for k in omodel.graph_module.state_dict()}
+    with pytest.raises(otter.OtterError, match="one captured graph per input shape"):
+        otter.compile(omodel)  # one compiled graph would serve only the first length
 
 
 def test_dynamic_graph_is_not_run_past_its_proven_length():
