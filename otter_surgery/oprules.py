@@ -435,6 +435,13 @@ def like(ctx: Context, node: fx.Node) -> Comp | None:
     return replace(co, node=ctx.emit(node.target, (cx.node, co.node)), sizes=None)
 
 
+@rule("zeros_like", "ones_like", "full_like")
+def filled_like(ctx: Context, node: fx.Node) -> Comp | None:
+    """A constant tensor shaped like x: its inserted dims are the same constant, shaped like x's companion."""
+    src, c = _single_comp(ctx, node)
+    return replace(c, node=ctx.emit(node.target, (c.node, *node.args[1:]), dict(node.kwargs)), sizes=None)
+
+
 @rule("repeat")
 def repeat(ctx: Context, node: fx.Node) -> Comp | None:
     """x.repeat(r): the companion repeats the same way. Along the heads axis that repeats the inserted heads
@@ -523,7 +530,9 @@ def select(ctx: Context, node: fx.Node) -> Comp | None:
     src, c = _single_comp(ctx, node)
     dim = _norm_dim(node.args[1], ndim(src))
     if dim == c.axis:
-        _fail(node, "selects along the inserted axis")
+        # One original element along the inserted axis (git's hidden[..., 0], a unit of a fused output): the
+        # result is an original value with no inserted dims, so it has no companion.
+        return None
     return replace(c, node=ctx.emit(node.target, (c.node, *node.args[1:])), axis=c.axis - (dim < c.axis))
 
 

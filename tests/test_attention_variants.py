@@ -28,6 +28,8 @@ FAMILIES = {
     "mimo_v2_flash": "attention sinks",
     "flint": "attention sinks",
     "xlm": "legacy empty past keys concatenated (was an IndexError inside the engine)",
+    "beam": "gate_proj(x).view_as(attention output)",
+    "git": "zeros_like of the hidden state, select of one original feature",
 }
 
 
