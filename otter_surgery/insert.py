@@ -79,6 +79,8 @@ def _config_dict(model: nn.Module) -> dict | None:
 def _probe(model: nn.Module, gm: torch.fx.GraphModule, takes_mask: bool) -> None:
     """Run the rewritten graph once on the capture's example batch: a rule that built a companion of the
     wrong shape fails here, at insert() time, not in the user's forward; and the logits must be equal."""
+    if next(iter(model.parameters()), torch.empty(0)).is_meta:
+        return  # a skeleton (load_merged): nothing to compare, and data-dependent ops (MoE routing) cannot run
     kwargs = example_inputs(model, takes_mask)
     try:
         with torch.no_grad():
@@ -86,7 +88,7 @@ def _probe(model: nn.Module, gm: torch.fx.GraphModule, takes_mask: bool) -> None
     except Exception as exc:
         raise OtterError(f"the rewritten graph fails on a probe batch ({type(exc).__name__}: {exc}); "
                          f"this architecture needs an op rule it does not have yet") from exc
-    if not logits.is_meta and not bits_equal(logits, reference_logits(model, kwargs)):
+    if not bits_equal(logits, reference_logits(model, kwargs)):
         raise OtterError("internal error: the rewritten graph's logits differ from the model's on a probe batch")
 
 

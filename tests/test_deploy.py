@@ -65,3 +65,17 @@ def test_fuse_keeps_signals_and_base_tensors_unchanged(tiny_llama):
     with torch.no_grad():
         torch.testing.assert_close(fused(input_ids=ids).reward, omodel(input_ids=ids).reward, rtol=1e-4, atol=1e-5)
     assert all(torch.equal(v, tiny_llama.state_dict()[k]) for k, v in before.items())
+
+
+def test_merged_moe_checkpoint_reloads(tmp_path):
+    """A routed block whose dispatch calls .item() (JetMoE's mixture of attention heads) cannot run on the meta
+    skeleton load_merged rebuilds the graph on: the reload must not try to, and the reloaded model still gives
+    the original logits."""
+    model = build_model(tiny_config("jetmoe"))
+    omodel = otter.insert(model, otter.InsertSpec(extra_dim=4, extra_ffn=8))
+    report = otter.merge(omodel, tmp_path / "merged")
+    merged = otter.load_merged(tmp_path / "merged")
+    batch = merge_probe(omodel)
+    with torch.no_grad():
+        assert report.base_logits_bit_identical == torch.equal(merged(**batch).logits, model(**batch).logits)
+        torch.testing.assert_close(merged(**batch).reward, omodel(**batch).reward, rtol=1e-4, atol=1e-5)
