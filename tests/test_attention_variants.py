@@ -30,6 +30,8 @@ FAMILIES = {
     "xlm": "legacy empty past keys concatenated (was an IndexError inside the engine)",
     "beam": "gate_proj(x).view_as(attention output)",
     "git": "zeros_like of the hidden state, select of one original feature",
+    "moshi": "select of one original element along the inserted axis",
+    "doge": "a 2-output dt_proj building a per-head dynamic mask (no FFN: gets no inserted outputs)",
 }
 
 
