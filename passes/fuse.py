@@ -15,8 +15,8 @@ import torch.fx as fx
 from torch import nn
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from otter_surgery.graph_utils import get_attr_tensor, op_name
-from otter_surgery.oprules import linear_info
+from otter_surgery.graph_utils import get_attr_tensor
+from otter_surgery.ops import linear_call, linear_info
 from otter_surgery.rewrite import FUSE_TAG
 
 aten = torch.ops.aten
@@ -62,12 +62,7 @@ class Fuse(PassBase):
             with gm.graph.inserting_before(ins.next):
                 w_node = gm.graph.get_attr(f"otter_fused.w{k}")
                 b_node = gm.graph.get_attr(f"otter_fused.b{k}") if bias is not None else None
-                if op_name(orig) == "linear":
-                    y = gm.graph.call_function(aten.linear.default, (x_cat, w_node, b_node))
-                elif b_node is not None:
-                    y = gm.graph.call_function(aten.addmm.default, (b_node, x_cat, w_node), dict(orig.kwargs))
-                else:
-                    y = gm.graph.call_function(aten.mm.default, (x_cat, w_node))
+                y = gm.graph.call_function(*linear_call(info, x_cat, w_node, b_node, orig.kwargs))
                 y_orig = gm.graph.call_function(aten.slice.Tensor, (y, -1, 0, o))
                 y_ins = gm.graph.call_function(aten.slice.Tensor, (y, -1, o, total))
             if "nn_module_stack" in orig.meta:

@@ -1,0 +1,136 @@
+"""The op vocabulary: what each aten op *is*, in one table that analyze, the rules and the passes all ask.
+
+Torch-Pruning keeps its per-op facts in one registry; so does this library. A trait is a fact about an op that
+some stage needs ("elementwise", "reshape", "linear", "routing", ...); `is_op(node, trait)` is the only way the
+engine asks what a node is. No other module spells an aten op name: a new op is a new entry here (its traits)
+and, if inserted dims flow through it, a rule in oprules.py.
+
+Also here, below analyze and the rules alike: `Comp` (a tensor's inserted dims) and `LinearInfo` (how to read
+a linear-like node's weight and bias, and how to emit one).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from .graph_utils import get_attr_tensor, op_name
+
+aten = torch.ops.aten
+
+_ELEMENTWISE = {
+    "add", "sub", "mul", "div", "neg", "rsqrt", "sqrt", "pow", "exp", "exp2", "expm1", "log", "log1p", "log2",
+    "tanh", "sigmoid", "silu", "gelu", "relu", "relu6", "erf", "abs", "sign", "reciprocal", "square", "clamp",
+    "clamp_min", "clamp_max", "minimum", "maximum", "where", "masked_fill", "sin", "cos", "floor", "ceil", "round",
+    "to", "_to_copy", "type_as", "clone", "alias", "contiguous", "detach", "dropout", "softplus", "hardtanh",
+    "leaky_relu", "elu", "selu", "celu", "mish", "hardswish", "hardsigmoid", "native_dropout", "lift_fresh_copy",
+    "copy", "gt", "lt", "ge", "le", "eq", "ne", "logical_and", "logical_or", "logical_not", "bitwise_and",
+    "bitwise_or", "bitwise_not", "fmod", "remainder", "lerp", "addcmul", "addcdiv", "nan_to_num", "atan", "xlogy",
+}
+
+TRAITS: dict[str, frozenset[str]] = {}
+
+
+def _declare(trait: str, *names: str) -> None:
+    for n in names:
+        TRAITS[n] = TRAITS.get(n, frozenset()) | {trait}
+
+
+# Elementwise ops and their in-place variants (x.add_(y) stays in place on the companion too).
+_declare("elementwise", *_ELEMENTWISE, *(n + "_" for n in _ELEMENTWISE))
+_declare("activation", "silu", "gelu", "relu", "relu6", "tanh", "sigmoid", "softplus", "mish", "elu", "selu",
+         "celu", "leaky_relu", "hardswish", "hardsigmoid", "hardtanh")
+_declare("residual_join", "add", "add_", "sub", "sub_")  # ops that add a branch back into the stream
+_declare("reduction", "mean", "sum", "var", "std", "amax", "amin", "var_mean", "logsumexp", "max", "min", "prod",
+         "norm", "linalg_vector_norm")
+_declare("values_and_indices", "max", "min", "topk", "sort")  # (values, indices) pairs
+_declare("softmax", "_softmax", "softmax", "_log_softmax", "log_softmax")
+_declare("reshape", "view", "reshape", "_unsafe_view")
+_declare("norm", "layer_norm", "rms_norm")
+_declare("attention", "scaled_dot_product_attention", "matmul", "bmm")
+_declare("sdpa", "scaled_dot_product_attention")
+_declare("linear", "linear", "addmm", "mm")
+_declare("split", "split", "split_with_sizes", "chunk", "unbind")
+_declare("getitem", "getitem")
+_declare("slice", "slice")
+_declare("embedding", "embedding")
+# Data-dependent token routing: the dispatch of a mixture-of-experts block.
+_declare("routing", "index", "index_put", "index_add", "index_select", "scatter", "scatter_add", "gather", "nonzero",
+         "topk", "one_hot", "argmax", "argsort", "sort")
+# Ops that only inspect a tensor (shapes, metadata checks): never values, never inserted dims.
+_declare("inspector", "sym_size", "sym_numel", "sym_stride", "_assert_tensor_metadata", "_assert_scalar")
+_declare("shape_read", "sym_size", "sym_numel", "sym_stride")
+
+
+def traits(node_or_name: fx.Node | str) -> frozenset[str]:
+    name = node_or_name if isinstance(node_or_name, str) else op_name(node_or_name)
+    return TRAITS.get(name, frozenset())
+
+
+def is_op(node: fx.Node | str, *trait: str) -> bool:
+    """Whether the op of `node` has any of the traits."""
+    return not traits(node).isdisjoint(trait)
+
+
+def ops(trait: str) -> frozenset[str]:
+    """Every op name with `trait` (for registering a rule on all of them)."""
+    return frozenset(n for n, t in TRAITS.items() if trait in t)
+
+
+@dataclass
+class Comp:
+    """The inserted dims (the *companion*) of one original tensor."""
+
+    node: fx.Node  # the companion tensor (or list of tensors, see `sizes`)
+    axis: int  # non-negative axis of the original tensor along which the inserted dims lie
+    size: int  # number of inserted dims along `axis`
+    kind: str  # "residual" | "heads" | "ffn": what the inserted dims are
+    unit: int = 1  # contiguous elements along `axis` that form one copyable unit (a head's width, ...)
+    sizes: list[int] | None = None  # per-item sizes when `node` is a list (split/chunk)
+    # Original axes merged in front of the inserted dims (BLOOM's [b, h, s, d] -> [b*h, s, d]): the companion's
+    # `axis` then holds prod(outer) x `size` elements, outer-major ([b, h_e] flattened), and only ops that treat
+    # each index of that axis on its own (batched matmuls, elementwise, softmax elsewhere) may read it.
+    outer: tuple = ()
+
+
+@dataclass
+class LinearInfo:
+    """A linear-like node: y = x W^T + b (aten.linear) or y = b + x W (addmm / mm, weight stored [in, out])."""
+
+    x: fx.Node
+    weight: fx.Node
+    bias: fx.Node | None
+    in_features: int
+    out_features: int
+    transposed: bool  # weight stored [in, out] (addmm / mm, e.g. GPT-2's Conv1D)
+    op: str = "linear"  # which of the linear ops it was, so a rewrite can emit the same kind
+
+
+def linear_info(gm: fx.GraphModule, node: fx.Node) -> LinearInfo | None:
+    """A linear map with a parameter weight: aten.linear, or addmm/mm with a parameter right operand."""
+    name = op_name(node)
+    if not is_op(name, "linear"):
+        return None
+    if name == "linear":
+        x, w = node.args[0], node.args[1]
+        b = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        t = get_attr_tensor(gm, w)
+        if t is None or t.dim() != 2:
+            return None
+        return LinearInfo(x, w, b, t.shape[1], t.shape[0], False, name)
+    b, x, w = (node.args[0], node.args[1], node.args[2]) if name == "addmm" else (None, node.args[0], node.args[1])
+    t = get_attr_tensor(gm, w)
+    if t is None or t.dim() != 2:
+        return None
+    return LinearInfo(x, w, b, t.shape[0], t.shape[1], True, name)
+
+
+def linear_call(info: LinearInfo, x: fx.Node, weight: fx.Node, bias: fx.Node | None, kwargs: dict | None = None):
+    """(target, args, kwargs) of a linear of the same kind as `info` on new operands (an inserted or fused
+    linear): aten.linear stays linear; addmm / mm stay addmm (with a bias) or mm (without)."""
+    if info.op == "linear":
+        return aten.linear.default, (x, weight, bias), {}
+    if bias is not None:
+        return aten.addmm.default, (bias, x, weight), dict(kwargs or {})
+    return aten.mm.default, (x, weight), {}
