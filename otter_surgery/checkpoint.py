@@ -42,6 +42,7 @@ FORMAT = "otter-adapter"
 MERGED_WEIGHTS = "otter_merged.safetensors"
 MERGED_CONFIG = "otter_merged.json"
 MERGED_FORMAT = "otter-merged"
+PROBE_LOGITS = "otter_probe.logits"  # in a merged checkpoint: the fused model's logits on merge_probe()
 CONFIG_FILES = {FORMAT: ADAPTER_CONFIG, MERGED_FORMAT: MERGED_CONFIG}
 FORMAT_VERSION = 1
 
@@ -269,6 +270,8 @@ def merge(omodel: OtterModel, directory: str | os.PathLike) -> MergeReport:
         else:
             seen[key] = name
     same, diff, sig = compare(omodel, fused, merge_probe(omodel))
+    with torch.no_grad():  # what the reloaded checkpoint must reproduce (load_merged checks its rebuilt graph)
+        tensors[PROBE_LOGITS] = fused(**merge_probe(omodel)).logits.detach().to("cpu")
 
     def write(tmp: Path) -> None:
         save_file({k: v.clone() for k, v in tensors.items()}, str(tmp / MERGED_WEIGHTS), metadata={"format": "pt"})
@@ -300,20 +303,60 @@ def _retarget_device(gm: fx.GraphModule, device: torch.device) -> None:
 
 def load_merged(directory: str | os.PathLike, device: str | torch.device = "cpu") -> OtterModel:
     """Rebuild the fused Otter model from a merged checkpoint alone (no base model needed): the graph is
-    re-derived from the saved config on the meta device, then every tensor comes from the file."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    re-derived from the saved config, then every tensor comes from the file.
 
-    from .insert import insert
+    The graph is first captured from a skeleton on the meta device (no memory for weights). Some models' Python
+    takes other paths there (a routing histogram that only runs on real tensors, a dispatch that reads values),
+    so the rebuilt model must reproduce the logits saved with the checkpoint on its probe batch; if it does not,
+    the graph is captured again from a skeleton on `device` (randomly initialised, then overwritten)."""
+    from transformers import AutoConfig
 
     config = read_config(directory, MERGED_FORMAT)
     base_cfg = dict(config["base_config"])
     hf_config = AutoConfig.for_model(base_cfg.pop("model_type"), **base_cfg)
-    with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(hf_config)
-    fused = fuse(insert(skeleton, InsertSpec.from_dict(config["spec"])))
     tensors = read_tensors(directory, config)
     for alias, name in config.get("aliases", {}).items():
         tensors[alias] = tensors[name]
+    saved = tensors.pop(PROBE_LOGITS, None)
+    fused = _rebuild(directory, config, hf_config, tensors, "meta", device)
+    problem = _reproduces(fused, saved, device)
+    if problem is not None:
+        fused = _rebuild(directory, config, hf_config, tensors, device, device)
+        problem = _reproduces(fused, saved, device)
+        if problem is not None:
+            raise AdapterError(f"{directory}: the model rebuilt from this merged checkpoint does not reproduce the "
+                               f"logits saved with it ({problem})")
+    return fused
+
+
+def _reproduces(fused: OtterModel, saved: torch.Tensor | None, device) -> str | None:
+    """None when `fused` gives the saved probe logits (bit for bit, or to float rounding on another backend);
+    else what went wrong. A checkpoint written before probe logits were saved is taken as it is."""
+    if saved is None:
+        return None
+    vocab = int(fused.base_config.get("vocab_size") or 2)
+    try:
+        with torch.no_grad():
+            got = fused(**probe_batch(vocab, device, fused.takes_mask)).logits.to("cpu")
+    except Exception as exc:  # noqa: BLE001 - any failure of the rebuilt graph means: rebuild it another way
+        return f"{type(exc).__name__}: {exc}"
+    if got.shape != saved.shape:
+        return f"logits of shape {tuple(got.shape)}, saved {tuple(saved.shape)}"
+    if bits_equal(got, saved) or torch.allclose(got.float(), saved.float(), rtol=1e-3, atol=1e-4, equal_nan=True):
+        return None  # (another device's GEMMs may round differently: that is not a wrong graph)
+    return f"max |difference| {(got.float() - saved.float()).abs().max().item():.3g}"
+
+
+def _rebuild(directory, config: dict, hf_config, tensors: dict[str, torch.Tensor], skeleton_device,
+             device) -> OtterModel:
+    """Capture the fused graph from a skeleton on `skeleton_device` and fill it with the checkpoint's tensors."""
+    from transformers import AutoModelForCausalLM
+
+    from .insert import insert
+
+    with torch.device(skeleton_device):
+        skeleton = AutoModelForCausalLM.from_config(hf_config)
+    fused = fuse(insert(skeleton, InsertSpec.from_dict(config["spec"])))
     gm = fused.graph_module
     wanted = {str(n.target) for n in gm.graph.nodes if n.op == "get_attr" and get_attr_tensor(gm, n) is not None}
     missing = sorted(wanted - set(tensors))
@@ -334,5 +377,6 @@ def load_merged(directory: str | os.PathLike, device: str | torch.device = "cpu"
     for name, buf in list(gm.named_buffers()):
         if buf.is_meta:
             raise AdapterError(f"{directory}: buffer {name} is not in the merged checkpoint")
-    _retarget_device(gm, torch.device(device))
+    if torch.device(skeleton_device).type == "meta":
+        _retarget_device(gm, torch.device(device))
     return fused.to(device)

@@ -79,3 +79,26 @@ def test_merged_moe_checkpoint_reloads(tmp_path):
     with torch.no_grad():
         assert report.base_logits_bit_identical == torch.equal(merged(**batch).logits, model(**batch).logits)
         torch.testing.assert_close(merged(**batch).reward, omodel(**batch).reward, rtol=1e-4, atol=1e-5)
+
+
+def test_load_merged_refuses_a_graph_that_does_not_reproduce_the_saved_logits(tiny_llama, tmp_path):
+    """load_merged checks the rebuilt model against the logits saved with the checkpoint: tampered ones (as a
+    library whose capture went another way would see) are refused, naming the directory and the difference."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from otter_surgery.checkpoint import MERGED_WEIGHTS, PROBE_LOGITS, _sha256_file
+
+    omodel = otter.insert(tiny_llama, otter.InsertSpec(extra_dim=4, extra_heads=3, extra_ffn=4))
+    otter.merge(omodel, tmp_path / "m")
+    weights, config_path = tmp_path / "m" / MERGED_WEIGHTS, tmp_path / "m" / MERGED_CONFIG
+    tensors = load_file(str(weights))
+    assert torch.equal(otter.load_merged(tmp_path / "m")(**merge_probe(omodel)).logits, tensors[PROBE_LOGITS])
+    tensors[PROBE_LOGITS] = tensors[PROBE_LOGITS] + 1.0
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    config = json.loads(config_path.read_text())
+    config["weights_sha256"] = _sha256_file(weights)
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(otter.AdapterError, match=r"does not reproduce the logits saved with it \(max \|difference\| 1"):
+        otter.load_merged(tmp_path / "m")
