@@ -21,7 +21,7 @@ import torch.fx as fx
 from .errors import SpecError, UnsupportedGraphError, module_path
 from .graph_utils import concrete_size, get_attr_tensor, numeric_shape, op_name, product, reshape_groups, shape, val
 from .moe import find_regions
-from .oprules import ATTENTION_OPS, ELEMENTWISE_OPS, NORM_OPS, RESHAPE_OPS, LinearInfo, linear_info
+from .ops import LinearInfo, is_op, linear_info
 from .spec import InsertSpec
 
 log = logging.getLogger("otter_surgery")
@@ -65,7 +65,7 @@ class Analysis:
             info = linear_info(gm, node)
             if info is not None:
                 self.linears[node] = info
-        self.embeddings = [n for n in self.graph.nodes if op_name(n) == "embedding" and get_attr_tensor(gm, n.args[0]) is not None]
+        self.embeddings = [n for n in self.graph.nodes if is_op(n, "embedding") and get_attr_tensor(gm, n.args[0]) is not None]
         self.token_embedding = self._token_embedding()
         d = shape(self.token_embedding)[-1]
         # Position embeddings (learned) join the stream too; they share the model width.
@@ -99,8 +99,8 @@ class Analysis:
                 if val(u) is None:
                     continue
                 # Elementwise ops, norms (post-LN blocks) and reshapes of the token axes only (OPT's FFN).
-                keeps_width = op_name(u) in RESHAPE_OPS | NORM_OPS and shape(u)[-1] == shape(n)[-1]
-                if op_name(u) in ELEMENTWISE_OPS or keeps_width:
+                keeps_width = is_op(u, "reshape", "norm") and shape(u)[-1] == shape(n)[-1]
+                if is_op(u, "elementwise") or keeps_width:
                     todo.append(u)
         return seen
 
@@ -119,11 +119,10 @@ class Analysis:
         while todo:
             n, split = todo.pop(0)
             for u in n.users:
-                name = op_name(u)
-                if name in ATTENTION_OPS and split:  # before `seen`: q, k, v of a fused output meet here
+                if is_op(u, "attention") and split:  # before `seen`: q, k, v of a fused output meet here
                     found.append(Role("heads", *split, operands=frozenset({self._operand(u, n)})))
                     continue
-                if name in ATTENTION_OPS and self._unsplit_kv(u, n):
+                if is_op(u, "attention") and self._unsplit_kv(u, n):
                     # Multi-query KV that no view splits into heads (GPT-BigCode's [b, 1, s, d] expanded to
                     # every query head): one KV head whose unit is the feature axis.
                     found.append(Role("heads", 1, shape(n)[-1], operands=frozenset({self._operand(u, n)})))
@@ -133,7 +132,7 @@ class Analysis:
                 if u.op == "output":
                     found.append(Role("none"))
                     continue
-                gated = self._gated_heads(u, n) if split is None and name in ELEMENTWISE_OPS else 0
+                gated = self._gated_heads(u, n) if split is None and is_op(u, "elementwise") else 0
                 out = self.linears[linear].out_features
                 if gated and out % gated == 0:
                     # A gate on the attention output (afmoe, laguna: attn * sigmoid(gate(x))): laid out like
@@ -154,18 +153,18 @@ class Analysis:
                         found.append(Role("none"))
                     continue
                 seen.add(u)
-                if name in ("add", "sub") and any(a in self.residual for a in u.all_input_nodes if a is not n):
+                if is_op(u, "residual_join") and any(a in self.residual for a in u.all_input_nodes if a is not n):
                     return Role("residual")
                 # A split into one "head" is provisional: in a one-token step, [b*1, d] -> [b, 1, d] looks like
                 # one head of width d; a later view that splits finer (smaller units) is the real one and wins.
-                if name in RESHAPE_OPS and (split is None or split[0] == 1):
+                if is_op(u, "reshape") and (split is None or split[0] == 1):
                     hs = self._head_split(u, n)
                     if hs is not None and (split is None or numeric_shape([hs[1]])[0] < numeric_shape([split[1]])[0]):
                         todo.append((u, hs))
                         continue
-                if name in ("split", "split_with_sizes", "chunk") and split is not None:
+                if is_op(u, "split") and split is not None:
                     split = self._heads_split(u, n, split)
-                if val(u) is not None or name in ("split", "split_with_sizes", "chunk", "unbind", "getitem"):
+                if val(u) is not None or is_op(u, "split", "unbind", "getitem"):
                     todo.append((u, split))
         for kind in ("heads", "ffn", "none"):
             same = [r for r in found if r.kind == kind]
@@ -191,17 +190,16 @@ class Analysis:
     def _gated_heads(self, node: fx.Node, src: fx.Node) -> int:
         """Heads of an attention output that `node` (elementwise) combines with `src`, reached back from the
         other operand through layout ops only; 0 if the other operand is no attention output."""
-        layout = RESHAPE_OPS | {"transpose", "permute", "contiguous", "clone", "_to_copy", "to", "flatten"}
         for a in node.all_input_nodes:
-            while a is not src and val(a) is not None and op_name(a) in layout:
+            while a is not src and val(a) is not None and is_op(a, "reshape", "transpose", "copy_like", "flatten"):
                 a = a.args[0]
-            if a is not src and op_name(a) == "scaled_dot_product_attention":
+            if a is not src and is_op(a, "sdpa"):
                 return numeric_shape(shape(a))[-3]
         return 0
 
     def _unsplit_kv(self, attention: fx.Node, src: fx.Node) -> bool:
         """`src` is SDPA's key or value and its heads axis (-3) was never split from the features."""
-        if op_name(attention) != "scaled_dot_product_attention" or src not in attention.args[1:3]:
+        if not is_op(attention, "sdpa") or src not in attention.args[1:3]:
             return False
         q = attention.args[0]
         return numeric_shape(shape(src))[-1] == numeric_shape(shape(q))[-1] and len(shape(src)) >= 3
@@ -210,7 +208,7 @@ class Analysis:
         """Which attention operand `src` is: SDPA's (q, k, v); for explicit attention, the right operand of
         the matmul whose scores reach a softmax is the key, of the other matmul the value."""
         index = attention.args.index(src) if src in attention.args[:3] else -1
-        if op_name(attention) == "scaled_dot_product_attention":
+        if is_op(attention, "sdpa"):
             return ("query", "key", "value")[index] if index >= 0 else "mask"
         scores = self._reaches_softmax(attention)
         if index == 0:
@@ -221,10 +219,9 @@ class Analysis:
         todo, seen = [node], set()
         while todo:
             for u in todo.pop().users:
-                name = op_name(u)
-                if name in ("softmax", "_softmax"):
+                if is_op(u, "softmax"):
                     return True
-                if u not in seen and u not in self.linears and name not in ATTENTION_OPS:
+                if u not in seen and u not in self.linears and not is_op(u, "attention"):
                     seen.add(u)
                     todo.append(u)
         return False

@@ -25,11 +25,9 @@ import networkx as nx
 import torch.fx as fx
 
 from .errors import module_path
-from .graph_utils import op_name, shape, val
+from .graph_utils import shape, val
+from .ops import is_op
 
-# Ops that pick indices by value: every router has one (top-k, sort-based dispatch, top-1 argmax ...).
-SELECTORS = {"topk", "sort", "argsort", "argmax", "argmin", "nonzero", "one_hot", "histc", "bincount",
-             "kthvalue", "multinomial", "max", "min"}
 
 
 @dataclass
@@ -60,12 +58,11 @@ class MoERegion:
 def _selects(node: fx.Node) -> bool:
     """A value-dependent choice of indices. max/min count only in their (values, indices) form with the
     indices read (a plain max is a reduction, as in a numerically stable softmax)."""
-    name = op_name(node)
-    if name not in SELECTORS or node.op != "call_function":
+    if node.op != "call_function" or not is_op(node, "selector"):
         return False
-    if name in ("max", "min"):
+    if is_op(node, "reduction"):  # max / min: a selection only in the (values, indices) form, indices read
         return isinstance(node.meta.get("val"), (tuple, list)) and any(
-            op_name(u) == "getitem" and u.args[1] == 1 and u.users for u in node.users)
+            is_op(u, "getitem") and u.args[1] == 1 and u.users for u in node.users)
     return True
 
 
@@ -97,7 +94,7 @@ def _block_output(sel: fx.Node, after: set[fx.Node], residual: set[fx.Node], ord
     before it (the block's skip connection)."""
     best = None
     for n in after:
-        if op_name(n) not in ("add", "add_") or n not in residual or val(n) is None:
+        if not is_op(n, "add") or n not in residual or val(n) is None:
             continue
         ins = [a for a in n.args[:2] if isinstance(a, fx.Node)]
         skip = [a for a in ins if a in residual and a not in after]

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 import operator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from fractions import Fraction
 from typing import Callable, Protocol
 
@@ -21,52 +21,12 @@ import torch
 import torch.fx as fx
 
 from .errors import OtterError, UnsupportedGraphError
+from .ops import Comp, LinearInfo, is_op, linear_call, linear_info, ops  # noqa: F401 - Comp, LinearInfo re-exported
 from .graph_utils import concrete_size, frac_int, get_attr_tensor, ndim, numeric_shape, op_name, product, reshape_groups, shape, val
 
 aten = torch.ops.aten
 
 
-@dataclass
-class Comp:
-    node: fx.Node  # the companion tensor (or list of tensors, see `sizes`)
-    axis: int  # non-negative axis of the original tensor along which the inserted dims lie
-    size: int  # number of inserted dims along `axis`
-    kind: str  # "residual" | "heads" | "ffn": what the inserted dims are
-    unit: int = 1  # contiguous elements along `axis` that form one copyable unit (a head's width, ...)
-    sizes: list[int] | None = None  # per-item sizes when `node` is a list (split/chunk)
-    # Original axes merged in front of the inserted dims (BLOOM's [b, h, s, d] -> [b*h, s, d]): the companion's
-    # `axis` then holds prod(outer) x `size` elements, outer-major ([b, h_e] flattened), and only ops that treat
-    # each index of that axis on its own (batched matmuls, elementwise, softmax elsewhere) may read it.
-    outer: tuple = ()
-
-
-@dataclass
-class LinearInfo:
-    x: fx.Node
-    weight: fx.Node
-    bias: fx.Node | None
-    in_features: int
-    out_features: int
-    transposed: bool  # weight stored [in, out] (addmm / mm, e.g. GPT-2's Conv1D)
-
-
-def linear_info(gm: fx.GraphModule, node: fx.Node) -> LinearInfo | None:
-    """A linear map with a parameter weight: aten.linear, or addmm/mm with a parameter right operand."""
-    name = op_name(node)
-    if name == "linear":
-        x, w = node.args[0], node.args[1]
-        b = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-        t = get_attr_tensor(gm, w)
-        if t is None or t.dim() != 2:
-            return None
-        return LinearInfo(x, w, b, t.shape[1], t.shape[0], False)
-    if name in ("addmm", "mm"):
-        b, x, w = (node.args[0], node.args[1], node.args[2]) if name == "addmm" else (None, node.args[0], node.args[1])
-        t = get_attr_tensor(gm, w)
-        if t is None or t.dim() != 2:
-            return None
-        return LinearInfo(x, w, b, t.shape[0], t.shape[1], True)
-    return None
 
 
 class Context(Protocol):
@@ -153,17 +113,7 @@ def _single_comp(ctx: Context, node: fx.Node) -> tuple[fx.Node, Comp]:
 
 # -- elementwise ---------------------------------------------------------------------------------------
 
-_FUNCTIONAL_ELEMENTWISE = {
-    "add", "sub", "mul", "div", "neg", "rsqrt", "sqrt", "pow", "exp", "exp2", "expm1", "log", "log1p", "log2",
-    "tanh", "sigmoid", "silu", "gelu", "relu", "relu6", "erf", "abs", "sign", "reciprocal", "square", "clamp",
-    "clamp_min", "clamp_max", "minimum", "maximum", "where", "masked_fill", "sin", "cos", "floor", "ceil", "round",
-    "to", "_to_copy", "type_as", "clone", "alias", "contiguous", "detach", "dropout", "softplus", "hardtanh",
-    "leaky_relu", "elu", "selu", "celu", "mish", "hardswish", "hardsigmoid", "native_dropout", "lift_fresh_copy",
-    "copy", "gt", "lt", "ge", "le", "eq", "ne", "logical_and", "logical_or", "logical_not", "bitwise_and",
-    "bitwise_or", "bitwise_not", "fmod", "remainder", "lerp", "addcmul", "addcdiv", "nan_to_num", "atan", "xlogy",
-}
-# In-place variants (x.add_(y)) stay in place on the companion too, so aliasing reads see the same values.
-ELEMENTWISE_OPS = _FUNCTIONAL_ELEMENTWISE | {name + "_" for name in _FUNCTIONAL_ELEMENTWISE}
+ELEMENTWISE_OPS = ops("elementwise")  # in-place variants too: they stay in place on the companion
 
 
 class _ZeroOperand(Exception):
@@ -303,8 +253,7 @@ def softmax(ctx: Context, node: fx.Node) -> Comp | None:
 
 # -- layout ops ---------------------------------------------------------------------------------------
 
-RESHAPE_OPS = {"view", "reshape", "_unsafe_view"}
-NORM_OPS = {"layer_norm", "rms_norm"}
+RESHAPE_OPS = ops("reshape")
 
 
 @rule(*RESHAPE_OPS, merged=True)
@@ -642,7 +591,6 @@ def getitem(ctx: Context, node: fx.Node) -> Comp | None:
 
 # -- attention ------------------------------------------------------------------------------------------
 
-ATTENTION_OPS = {"scaled_dot_product_attention", "matmul", "bmm"}
 
 
 @rule("scaled_dot_product_attention")
@@ -739,13 +687,7 @@ def linear(ctx: Context, node: fx.Node) -> Comp | None:
         return None  # the output dim is not widened (lm_head, or a zero-width spec field)
     w_e, b_e, out = made
     x_cat = ctx.widened(info.x, c.node)
-    name = op_name(node)
-    if name == "linear":
-        y = ctx.emit(aten.linear.default, (x_cat, w_e, b_e))
-    elif b_e is not None:
-        y = ctx.emit(aten.addmm.default, (b_e, x_cat, w_e), dict(node.kwargs))
-    else:
-        y = ctx.emit(aten.mm.default, (x_cat, w_e))
+    y = ctx.emit(*linear_call(info, x_cat, w_e, b_e, node.kwargs))
     ctx.record_block(node, y, x_cat)  # deploy.fuse() can turn the pair into one [[W, 0], [A, B]] GEMM
     return replace(out, node=y)
 

@@ -39,9 +39,13 @@ def _declare(trait: str, *names: str) -> None:
 
 # Elementwise ops and their in-place variants (x.add_(y) stays in place on the companion too).
 _declare("elementwise", *_ELEMENTWISE, *(n + "_" for n in _ELEMENTWISE))
-_declare("activation", "silu", "gelu", "relu", "relu6", "tanh", "sigmoid", "softplus", "mish", "elu", "selu",
-         "celu", "leaky_relu", "hardswish", "hardsigmoid", "hardtanh")
+# Activations, most specific first (a sigmoid may also be a router's or a gate's): a block's activation is the
+# first of these it holds.
+ACTIVATIONS = ("silu", "gelu", "relu", "relu6", "mish", "hardswish", "elu", "selu", "celu", "leaky_relu",
+               "softplus", "tanh", "sigmoid", "hardsigmoid", "hardtanh")
+_declare("activation", *ACTIVATIONS)
 _declare("residual_join", "add", "add_", "sub", "sub_")  # ops that add a branch back into the stream
+_declare("add", "add", "add_")
 _declare("reduction", "mean", "sum", "var", "std", "amax", "amin", "var_mean", "logsumexp", "max", "min", "prod",
          "norm", "linalg_vector_norm")
 _declare("values_and_indices", "max", "min", "topk", "sort")  # (values, indices) pairs
@@ -51,13 +55,21 @@ _declare("norm", "layer_norm", "rms_norm")
 _declare("attention", "scaled_dot_product_attention", "matmul", "bmm")
 _declare("sdpa", "scaled_dot_product_attention")
 _declare("linear", "linear", "addmm", "mm")
-_declare("split", "split", "split_with_sizes", "chunk", "unbind")
+_declare("split", "split", "split_with_sizes", "chunk")  # into parts along one axis
+_declare("unbind", "unbind")
+_declare("transpose", "transpose", "t", "permute")
+_declare("flatten", "flatten")
+_declare("copy_like", "to", "_to_copy", "contiguous", "clone", "alias", "detach")  # same values, maybe a new buffer
 _declare("getitem", "getitem")
 _declare("slice", "slice")
 _declare("embedding", "embedding")
 # Data-dependent token routing: the dispatch of a mixture-of-experts block.
 _declare("routing", "index", "index_put", "index_add", "index_select", "scatter", "scatter_add", "gather", "nonzero",
          "topk", "one_hot", "argmax", "argsort", "sort")
+# Value-dependent choices of indices: every mixture-of-experts router has one (max / min only when their
+# indices are read: moe.py checks that).
+_declare("selector", "topk", "sort", "argsort", "argmax", "argmin", "nonzero", "one_hot", "histc", "bincount",
+         "kthvalue", "multinomial", "max", "min")
 # Ops that only inspect a tensor (shapes, metadata checks): never values, never inserted dims.
 _declare("inspector", "sym_size", "sym_numel", "sym_stride", "_assert_tensor_metadata", "_assert_scalar")
 _declare("shape_read", "sym_size", "sym_numel", "sym_stride")

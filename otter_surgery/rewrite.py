@@ -16,7 +16,7 @@ from . import initialize as inits
 from .analyze import Analysis, Width
 from .errors import OtterError, UnsupportedGraphError, module_path
 from .graph_utils import get_attr_tensor
-from .oprules import Comp, LinearInfo
+from .ops import Comp, LinearInfo
 from .spec import InsertSpec
 
 

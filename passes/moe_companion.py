@@ -25,14 +25,10 @@ from otter_surgery import initialize as inits
 from otter_surgery.errors import UnsupportedGraphError
 from otter_surgery.graph_utils import get_attr_tensor, ndim, numeric_shape, op_name, shape, val
 from otter_surgery.moe import MoERegion
-from otter_surgery.oprules import ELEMENTWISE_OPS, RESHAPE_OPS, Comp, linear_info
+from otter_surgery.ops import ACTIVATIONS, Comp, is_op, linear_info
 
 aten = torch.ops.aten
 
-# The experts' activation, most specific first (a sigmoid may also be a router's or a shared-expert gate's).
-ACTIVATIONS = ("silu", "gelu", "relu", "relu6", "mish", "hardswish", "elu", "selu", "celu", "leaky_relu",
-               "softplus", "tanh", "sigmoid")
-_PASS_THROUGH = RESHAPE_OPS | {"to", "_to_copy", "contiguous", "clone", "alias", "detach"}
 
 
 def moe_companion(ctx, region: MoERegion) -> Comp | None:
@@ -72,7 +68,7 @@ def _block_input(ctx, region: MoERegion) -> tuple[fx.Node, Comp]:
     for n in region.inputs:
         while True:
             found.append(n)
-            if op_name(n) not in _PASS_THROUGH or not isinstance(n.args[0], fx.Node) or val(n.args[0]) is None:
+            if not is_op(n, "reshape", "copy_like") or not isinstance(n.args[0], fx.Node) or val(n.args[0]) is None:
                 break
             n = n.args[0]
     for n in found:
@@ -84,6 +80,7 @@ def _block_input(ctx, region: MoERegion) -> tuple[fx.Node, Comp]:
 
 
 def _activation(region: MoERegion) -> fx.Node | None:
+    """The experts' activation: the first of ops.ACTIVATIONS (most specific first) the block holds."""
     by_name = {}
     for n in region.nodes:
         by_name.setdefault(op_name(n), n)
@@ -110,7 +107,7 @@ def _shared_expert(gm, region: MoERegion, d: int):
 
     def reads_input(info) -> bool:
         n = info.x
-        while n not in region.inputs and op_name(n) in _PASS_THROUGH and isinstance(n.args[0], fx.Node):
+        while n not in region.inputs and is_op(n, "reshape", "copy_like") and isinstance(n.args[0], fx.Node):
             n = n.args[0]
         return n in region.inputs
 
@@ -125,7 +122,7 @@ def _shared_expert(gm, region: MoERegion, d: int):
             seen.add(n)
             if n in linears:
                 ups.append(n)
-            elif op_name(n) in ELEMENTWISE_OPS | {"getitem", "chunk", "split", "split_with_sizes"}:
+            elif is_op(n, "elementwise", "getitem", "split"):
                 todo.extend(n.all_input_nodes)
         ups = [u for u in ups if reads_input(linears[u])]
         inner = info.in_features
@@ -145,9 +142,9 @@ def _feeds_activation(node: fx.Node) -> bool:
     todo = list(node.users)
     while todo:
         u = todo.pop()
-        if op_name(u) in ACTIVATIONS:
+        if is_op(u, "activation"):
             return True
-        if op_name(u) in _PASS_THROUGH:
+        if is_op(u, "reshape", "copy_like"):
             todo.extend(u.users)
     return False
 
@@ -167,7 +164,7 @@ def _routed_expert(gm, region: MoERegion, d: int):
                 stacked.append(t)
         elif n.op == "call_function":
             todo.extend(n.all_input_nodes)
-    interleaved = any(op_name(n) == "slice" and len(n.args) > 4 and n.args[4] == 2 for n in region.nodes)
+    interleaved = any(is_op(n, "slice") and len(n.args) > 4 and n.args[4] == 2 for n in region.nodes)
     for out_first in (True, False):  # [E, out, in] (transformers' layout) before [E, in, out]
         orient = (lambda t: t[0]) if out_first else (lambda t: t[0].t())
         ins = [t for t in stacked if orient(t).shape[1] == d]

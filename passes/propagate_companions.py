@@ -17,17 +17,13 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 from otter_surgery.errors import UnsupportedGraphError
 from otter_surgery.graph_utils import op_name
 from otter_surgery.oprules import RULES, propagate_shadow
+from otter_surgery.ops import is_op
 from otter_surgery.rewrite import Rewrite
 
 from .moe_companion import moe_companion
 
-# Ops that only inspect a tensor (shapes, metadata checks) and never need inserted dims.
-# Token routing gathers rows by data-dependent indices: the shape of mixture-of-experts dispatch.
-_ROUTING = dict.fromkeys(
-    ("index", "index_put", "index_add", "index_select", "scatter", "scatter_add", "gather", "nonzero"),
-    "; data-dependent indexing outside a mixture-of-experts block (one found by its routing selection, "
-    "topk/sort/argmax..., feeding a residual add: otter_surgery/moe.py) is not supported")
-_INSPECTORS = {"sym_size", "sym_numel", "sym_stride", "_assert_tensor_metadata", "_assert_scalar"}
+_ROUTING_HINT = ("; data-dependent indexing outside a mixture-of-experts block (one found by its routing selection, "
+                 "topk/sort/argmax..., feeding a residual add: otter_surgery/moe.py) is not supported")
 
 
 class PropagateCompanions(PassBase):
@@ -59,11 +55,11 @@ class PropagateCompanions(PassBase):
                         ctx.shadows[node] = shadow
                 continue
             name = op_name(node)
-            if name in _INSPECTORS or not node.users:
+            if is_op(name, "inspector") or not node.users:  # shapes and metadata checks
                 continue
             fn = RULES.get(name)
             if fn is None:
-                hint = _ROUTING.get(name, "")
+                hint = _ROUTING_HINT if is_op(name, "routing") else ""
                 raise UnsupportedGraphError(node, f"no rule for how inserted dims flow through '{name}'{hint}")
             ctx.at(node)
             comp = fn(ctx, node)

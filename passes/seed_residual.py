@@ -12,7 +12,7 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from otter_surgery import initialize as inits
 from otter_surgery.graph_utils import get_attr_tensor, ndim
-from otter_surgery.oprules import Comp
+from otter_surgery.ops import Comp
 from otter_surgery.rewrite import Rewrite
 
 
