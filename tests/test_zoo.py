@@ -70,8 +70,12 @@ def test_zoo_decoder_inserts_trains_and_decodes(name):
     assert state_digest(model) == before
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("name", zoo.NAMES)
+# Two zoo decoders run the 50-example property check in the default suite (the floor); all ten in -m slow.
+_DEFAULT_VERIFY = ("mingpt", "llama2c")
+
+
+@pytest.mark.parametrize("name", [n if n in _DEFAULT_VERIFY else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in zoo.NAMES])
 def test_zoo_decoder_verify_50(name):
     model, omodel, before = built(name)
     assert otter.verify(model, omodel, max_examples=50, max_seq=32).examples == 50
