@@ -114,23 +114,17 @@ def make_guide(args: argparse.Namespace):
 
 def read_prompts(path: str) -> list:
     """Prompts from a JSONL file: each line a JSON string, or an object with "prompt" (text or token ids)."""
-    from .data import DataError
+    from .data import DataError, jsonl_lines
 
     if not Path(path).is_file():
         raise InputError(f"prompt file {path} does not exist")
     prompts = []
-    for lineno, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}, line {lineno}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+    for lineno, obj in jsonl_lines(path):
         value = obj.get("prompt") if isinstance(obj, dict) else obj
         if not (isinstance(value, str) and value) and not (isinstance(value, list) and value
                                                            and all(type(t) is int and t >= 0 for t in value)):
             raise DataError(f"{path}, line {lineno}: expected a prompt (a string, or an object whose field "
-                            f"'prompt' is text or a list of token ids), got {line.strip()[:60]!r}")
+                            f"'prompt' is text or a list of token ids), got {json.dumps(obj)[:60]!r}")
         prompts.append(value)
     if not prompts:
         raise DataError(f"{path}: no prompts (the file is empty)")

@@ -124,6 +124,18 @@ def check_example(obj, objective: str, where: str, tokenizer=None, vocab_size: i
     return out
 
 
+def jsonl_lines(path: str | os.PathLike):
+    """(line number, parsed object) for each non-blank line of a JSONL file; DataError names file and line."""
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield lineno, json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{_where(path, lineno)}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+
+
 def load_jsonl(path: str | os.PathLike, objective: str, tokenizer=None, *, vocab_size: int | None = None) -> list[dict]:
     """Examples for otter.train(objective) from a JSONL file, all checked before any training starts.
 
@@ -137,16 +149,8 @@ def load_jsonl(path: str | os.PathLike, objective: str, tokenizer=None, *, vocab
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such data file")
-    examples = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{_where(path, lineno)}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-            examples.append(check_example(obj, objective, _where(path, lineno), tokenizer, vocab_size))
+    examples = [check_example(obj, objective, _where(path, lineno), tokenizer, vocab_size)
+                for lineno, obj in jsonl_lines(path)]
     if not examples:
         raise DataError(f"{path}: no examples (the file is empty)")
     return examples
