@@ -21,7 +21,7 @@ import torch
 import torch.fx as fx
 
 from .errors import OtterError, UnsupportedGraphError
-from .ops import Comp, LinearInfo, is_op, linear_call, linear_info, ops  # noqa: F401 - Comp, LinearInfo re-exported
+from .ops import Comp, LinearInfo, linear_call, linear_info, ops  # noqa: F401 - Comp, LinearInfo re-exported
 from .graph_utils import concrete_size, frac_int, get_attr_tensor, ndim, numeric_shape, op_name, product, reshape_groups, shape, val
 
 aten = torch.ops.aten

@@ -48,7 +48,6 @@ _declare("residual_join", "add", "add_", "sub", "sub_")  # ops that add a branch
 _declare("add", "add", "add_")
 _declare("reduction", "mean", "sum", "var", "std", "amax", "amin", "var_mean", "logsumexp", "max", "min", "prod",
          "norm", "linalg_vector_norm")
-_declare("values_and_indices", "max", "min", "topk", "sort")  # (values, indices) pairs
 _declare("softmax", "_softmax", "softmax", "_log_softmax", "log_softmax")
 _declare("reshape", "view", "reshape", "_unsafe_view")
 _declare("norm", "layer_norm", "rms_norm")
@@ -72,7 +71,6 @@ _declare("selector", "topk", "sort", "argsort", "argmax", "argmin", "nonzero", "
          "kthvalue", "multinomial", "max", "min")
 # Ops that only inspect a tensor (shapes, metadata checks): never values, never inserted dims.
 _declare("inspector", "sym_size", "sym_numel", "sym_stride", "_assert_tensor_metadata", "_assert_scalar")
-_declare("shape_read", "sym_size", "sym_numel", "sym_stride")
 
 
 def traits(node_or_name: fx.Node | str) -> frozenset[str]:
