@@ -51,7 +51,9 @@ class Width:
 
 
 class Analysis:
-    def __init__(self, gm: fx.GraphModule):
+    def __init__(self, gm: fx.GraphModule, opaque: frozenset[str] = frozenset()):
+        """`opaque`: names of nodes the op rules refused on an earlier try; the block around each becomes an
+        opaque region (otter_surgery/moe.py)."""
         self.gm = gm
         self.graph = gm.graph
         self.dataflow = nx.DiGraph()
@@ -71,9 +73,9 @@ class Analysis:
         # Position embeddings (learned) join the stream too; they share the model width.
         self.stream_embeddings = [e for e in self.embeddings if shape(e)[-1] == d]
         self.residual = self._residual_stream()
-        # Routed (mixture-of-experts) blocks: each is one region whose nodes get no inserted dims, so routing
-        # reads only original dims; its output's companion is computed beside it (otter_surgery/moe.py).
-        self.moe_regions = find_regions(self.dataflow, self.graph, self.token_embedding, self.residual)
+        # Routed (mixture-of-experts) blocks and opaque blocks: each is one region whose nodes get no inserted
+        # dims, so routing reads only original dims; its output's companion is computed beside it (moe.py).
+        self.moe_regions = find_regions(self.dataflow, self.graph, self.token_embedding, self.residual, opaque)
         self.moe_nodes = {n: r for r in self.moe_regions for n in r.nodes}
         self.residual -= set(self.moe_nodes)
         self.roles = {node: self._role(node) for node in self.linears if node not in self.moe_nodes}

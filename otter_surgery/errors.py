@@ -28,10 +28,12 @@ def module_path(node: fx.Node) -> str:
 
 
 class UnsupportedGraphError(OtterError):
-    """The analysis met a graph pattern it cannot widen without risking a wrong model."""
+    """The analysis met a graph pattern it cannot widen without risking a wrong model. `crashed`: a rule
+    raised an exception it did not foresee (a bug to fix, so insert() does not route around it)."""
 
-    def __init__(self, node: fx.Node, reason: str):
+    def __init__(self, node: fx.Node, reason: str, crashed: bool = False):
         self.node_name = node.name
+        self.crashed = crashed
         self.module_path = module_path(node)
         self.reason = reason
         super().__init__(

@@ -1,16 +1,26 @@
 """insert(): capture -> analyze -> passes -> OtterModel. The user's model is never modified."""
 from __future__ import annotations
 
+import copy
+import logging
+import re
+
 import torch
 from torch import nn
 
 from . import lengths
 from .capture import capture, example_inputs
-from .errors import OtterError
+from .errors import CaptureError, OtterError, UnsupportedGraphError, module_path
 from .model import OtterMeta, OtterModel
 from .rewrite import Rewrite
 from .spec import InsertSpec
+from .graph_utils import get_attr_tensor
+from .ops import is_op
 from .verify import bits_equal, reference_logits
+
+aten = torch.ops.aten
+
+log = logging.getLogger("otter_surgery")
 
 
 def _freeze_shared(gm: torch.fx.GraphModule) -> None:
@@ -23,6 +33,54 @@ def _freeze_shared(gm: torch.fx.GraphModule) -> None:
         owner_name, _, leaf = name.rpartition(".")
         owner = gm.get_submodule(owner_name) if owner_name else gm
         setattr(owner, leaf, fresh[id(p)])
+
+
+def _keep_fold_choice(gm: torch.fx.GraphModule) -> None:
+    """aten.matmul runs [b, t, k] @ [k, n] as mm(x.reshape(-1, k), w) when the weight requires grad (even
+    under no_grad) or when the input's leading axes fold by a view; otherwise as a batched mm, whose last bits
+    can differ. Frozen copies of the base weights would then take another kernel than the user's model on
+    inputs whose leading axes do not fold (a transposed conv or scan output fed to out_proj). Such a product
+    is written as the user's model computes it: reshape to [-1, k] (a view or a copy, as torch decides at run
+    time), the same op on 2-D, and a view back. Only bias-free products with a weight the user's model lets
+    require grad are touched; the decode step keeps the user's Parameters and needs none of this."""
+    from .graph_utils import shape
+
+    graph = gm.graph
+    for node in list(graph.nodes):
+        if node.target not in (aten.linear.default, aten.matmul.default) or len(node.args) < 2:
+            continue
+        if len(node.args) > 2 and node.args[2] is not None:
+            continue  # linear with a bias picks addmm by contiguity, not by the weight's flag
+        x, w = node.args[0], get_attr_tensor(gm, node.args[1])
+        if w is None or w.dim() != 2 or not w.requires_grad or not isinstance(x, torch.fx.Node):
+            continue
+        v, out = x.meta.get("val"), node.meta.get("val")
+        if not isinstance(v, torch.Tensor) or v.dim() < 3 or _folds(v) or not isinstance(out, torch.Tensor):
+            continue
+        lead = shape(node)[:-1]
+        with graph.inserting_before(node):
+            sizes = [s if isinstance(s, int) else graph.call_function(aten.sym_size.int, (x, i)) for i, s in enumerate(lead)]
+            flat = graph.call_function(aten.reshape.default, (x, [-1, v.shape[-1]]))
+        with graph.inserting_after(node):
+            back = graph.call_function(aten.view.default, (node, [*sizes, out.shape[-1]]))
+        node.replace_all_uses_with(back, delete_user_cb=lambda u: u is not back)
+        node.replace_input_with(x, flat)
+        stack = node.meta.get("nn_module_stack")
+        for new, val in ((flat, v.reshape(-1, v.shape[-1])), (back, out)):
+            new.meta["val"] = val
+            if stack:
+                new.meta["nn_module_stack"] = stack
+        for s, i in ((s, i) for i, s in enumerate(sizes) if isinstance(s, torch.fx.Node)):
+            s.meta["val"] = v.shape[i]
+        node.meta["val"] = out.reshape(-1, out.shape[-1])
+    gm.recompile()
+
+
+def _folds(v: torch.Tensor) -> bool:
+    """Whether v.view(-1, v.size(-1)) needs no copy (matmul's own stride test); True unless provably not."""
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    return not any(statically_known_true(v.stride(i) != v.stride(i + 1) * v.size(i + 1)) for i in range(v.dim() - 2))
 
 
 def insert(model: nn.Module, spec: InsertSpec | None = None) -> OtterModel:
@@ -39,8 +97,9 @@ def insert(model: nn.Module, spec: InsertSpec | None = None) -> OtterModel:
     spec = spec or InsertSpec()
     captured = capture(model)
     gm = captured.graph_module
+    captured_graph = copy.deepcopy(gm.graph)
     ctx = rewrite(gm, spec)
-    _probe(model, gm, captured.takes_mask)
+    _probe(model, gm, captured.takes_mask, captured_graph)
     meta = OtterMeta(spec, ("logits", *spec.signals), captured.takes_mask, dict(ctx.param_names),
                      base_class=f"{type(model).__module__}.{type(model).__qualname__}",
                      base_model_type=getattr(getattr(model, "config", None), "model_type", None),
@@ -61,14 +120,45 @@ def rewrite(gm: torch.fx.GraphModule, spec: InsertSpec, freeze: bool = True) -> 
     from . import passes  # installed as otter_surgery.passes
 
     if freeze:
+        _keep_fold_choice(gm)
         _freeze_shared(gm)
-    ctx = Rewrite(gm, spec)
-    for step in passes.PIPELINE:
-        step(ctx)(gm)
+    pristine = copy.deepcopy(gm.graph)
+    opaque: frozenset[str] = frozenset()
+    while True:
+        try:
+            ctx = Rewrite(gm, spec, opaque)
+            for step in passes.PIPELINE:
+                step(ctx)(gm)
+            break
+        except UnsupportedGraphError as exc:
+            more = _opaque_seeds(pristine, exc, opaque)
+            if not more:
+                raise
+            # Try again from the captured graph with the refused node's block (and the same node of every
+            # other layer) as an opaque region: original computation inside, a dense inserted FFN beside it.
+            log.info("%s -> retrying with %d opaque seed(s)", exc, len(more))
+            opaque |= more
+            gm.graph = copy.deepcopy(pristine)
+            del gm.otter
     gm.graph.eliminate_dead_code()
     _drop_unused_inserted(gm, ctx.param_names)
     gm.recompile()
     return ctx
+
+
+def _opaque_seeds(graph: torch.fx.Graph, exc: UnsupportedGraphError, known: frozenset[str]) -> frozenset[str]:
+    """The refused node and its twins in the other layers (same op, same module path up to layer indices),
+    unless they were seeds already (no progress), the node is not one of the captured graph's own, or a rule
+    crashed there (an engine bug is reported, not routed around)."""
+    node = next((n for n in graph.nodes if n.name == exc.node_name), None)
+    if node is None or node.name in known or exc.crashed:
+        return frozenset()
+    key = (node.target, _layer_pattern(module_path(node)))
+    return frozenset(n.name for n in graph.nodes if (n.target, _layer_pattern(module_path(n))) == key) - known
+
+
+def _layer_pattern(path: str) -> str:
+    return re.sub(r"\.\d+(?=\.|$)", ".*", path)
 
 
 def _config_dict(model: nn.Module) -> dict | None:
@@ -76,9 +166,10 @@ def _config_dict(model: nn.Module) -> dict | None:
     return config.to_dict() if hasattr(config, "to_dict") else None
 
 
-def _probe(model: nn.Module, gm: torch.fx.GraphModule, takes_mask: bool) -> None:
+def _probe(model: nn.Module, gm: torch.fx.GraphModule, takes_mask: bool, captured_graph: torch.fx.Graph) -> None:
     """Run the rewritten graph once on the capture's example batch: a rule that built a companion of the
-    wrong shape fails here, at insert() time, not in the user's forward; and the logits must be equal."""
+    wrong shape fails here, at insert() time, not in the user's forward; and the logits must be equal.
+    When they are not, the graph as captured (before any pass) is run too, to say whose fault it is."""
     if next(iter(model.parameters()), torch.empty(0)).is_meta:
         return  # a skeleton (load_merged): nothing to compare, and data-dependent ops (MoE routing) cannot run
     kwargs = example_inputs(model, takes_mask)
@@ -88,7 +179,16 @@ def _probe(model: nn.Module, gm: torch.fx.GraphModule, takes_mask: bool) -> None
     except Exception as exc:
         raise OtterError(f"the rewritten graph fails on a probe batch ({type(exc).__name__}: {exc}); "
                          f"this architecture needs an op rule it does not have yet") from exc
-    if not bits_equal(logits, reference_logits(model, kwargs)):
+    reference = reference_logits(model, kwargs)
+    if not bits_equal(logits, reference):
+        with torch.no_grad():
+            before = torch.fx.GraphModule(gm, captured_graph)(*kwargs.values())[0]
+        if not bits_equal(before, reference):
+            diff = (before.double() - reference.double()).abs().max().item()
+            raise CaptureError(f"torch.export's graph of {type(model).__name__} does not reproduce the model's own "
+                               f"logits bit for bit before any insertion (max |diff| {diff:.3g} on a probe batch): "
+                               "its eager forward takes another path than the exported one, so no inserted model "
+                               "can be bit-identical to it")
         raise OtterError("internal error: the rewritten graph's logits differ from the model's on a probe batch")
 
 

@@ -16,6 +16,12 @@ reads only original dims and routing, experts and y are the original computation
 inserted dims) is computed beside the region by a dense inserted FFN reading [x ; x_e] of the block input.
 No module names, no model_type: the same code finds the MLP MoE of Mixtral, the shared expert of Qwen2-MoE
 and the mixture-of-attention-heads of JetMoE (whose attention is then one region, with no inserted heads).
+
+*Opaque regions* are found the same way from another kind of seed: a node the op rules refused (a causal
+conv1d of a Mamba or short-conv mixer, a recurrent linear-attention scan, a concatenation along the inserted
+axis...). insert() retries with such a node as a seed (otter_surgery/insert.py); its block becomes one region
+like a routed one: the original computation inside, bit for bit, and a dense inserted FFN beside it. A refused
+node outside any residual block has no region and the refusal stands.
 """
 from __future__ import annotations
 
@@ -38,6 +44,11 @@ class MoERegion:
     inputs: list[fx.Node]
     nodes: set[fx.Node] = field(repr=False)
     selections: list[fx.Node]
+    refused: list[fx.Node] = field(default_factory=list)  # seeds the op rules refused (an opaque region)
+
+    @property
+    def routed(self) -> bool:
+        return bool(self.selections)
 
     @property
     def module(self) -> str:
@@ -67,25 +78,26 @@ def _selects(node: fx.Node) -> bool:
 
 
 def find_regions(dataflow: nx.DiGraph, graph: fx.Graph, token_embedding: fx.Node,
-                 residual: set[fx.Node]) -> list[MoERegion]:
-    """Every routed block of the graph, in graph order (one per block output, however many selections)."""
+                 residual: set[fx.Node], refused: frozenset[str] = frozenset()) -> list[MoERegion]:
+    """Every routed block of the graph, and the block of every node named in `refused` (opaque regions), in
+    graph order (one per block output, however many seeds)."""
     order = {n: i for i, n in enumerate(graph.nodes)}
     active = nx.descendants(dataflow, token_embedding) | {token_embedding}  # computed from the tokens' values
     regions: dict[fx.Node, MoERegion] = {}
     claimed: set[fx.Node] = set()
-    for sel in (n for n in graph.nodes if n in active and _selects(n)):
-        if sel in claimed:
+    seeds = [n for n in graph.nodes if n in active and (_selects(n) or n.name in refused)]
+    for seed in seeds:
+        if seed in claimed:
             continue
-        after = nx.descendants(dataflow, sel)
-        y = _block_output(sel, after, residual, order)
+        after = nx.descendants(dataflow, seed)
+        y = _block_output(seed, after, residual, order)
         if y is None:
-            continue  # a selection that never reaches the residual stream: not a routed block
-        if y in regions:
-            regions[y].selections.append(sel)
-            continue
-        nodes, inputs = _walk_back(y, after, residual, active)
-        regions[y] = MoERegion(y, sorted(inputs, key=order.get), nodes, [sel])
-        claimed |= nodes
+            continue  # never reaches the residual stream: not inside a block
+        if y not in regions:
+            nodes, inputs = _walk_back(y, after, residual, active)
+            regions[y] = MoERegion(y, sorted(inputs, key=order.get), nodes, [])
+            claimed |= nodes
+        (regions[y].selections if _selects(seed) else regions[y].refused).append(seed)
     return sorted(regions.values(), key=lambda r: order[r.output])
 
 

@@ -71,7 +71,8 @@ def _guarded(fn, merged: bool):
             raise
         except Exception as exc:  # noqa: BLE001 - any other failure is a pattern the rule does not cover
             raise UnsupportedGraphError(
-                node, f"the '{fn.__name__}' rule does not cover this pattern ({type(exc).__name__}: {exc})") from exc
+                node, f"the '{fn.__name__}' rule does not cover this pattern ({type(exc).__name__}: {exc})",
+                crashed=True) from exc
     return run
 
 
@@ -389,6 +390,13 @@ def filled_like(ctx: Context, node: fx.Node) -> Comp | None:
     """A constant tensor shaped like x: its inserted dims are the same constant, shaped like x's companion."""
     src, c = _single_comp(ctx, node)
     return replace(c, node=ctx.emit(node.target, (c.node, *node.args[1:]), dict(node.kwargs)), sizes=None)
+
+
+@rule("new_zeros", "new_ones", "new_full", "new_empty")
+def new_of_size(ctx: Context, node: fx.Node) -> Comp | None:
+    """x.new_zeros(size): a fresh tensor of the given (original) size; x lends only its dtype and device, so
+    the result carries no inserted dims."""
+    return None
 
 
 @rule("repeat")

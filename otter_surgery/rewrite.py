@@ -28,11 +28,11 @@ FUSE_TAG = "otter_fusable"  # node.meta key on an inserted linear: (its original
 
 
 class Rewrite:
-    def __init__(self, gm: fx.GraphModule, spec: InsertSpec):
+    def __init__(self, gm: fx.GraphModule, spec: InsertSpec, opaque: frozenset[str] = frozenset()):
         self.gm = gm
         self.graph = gm.graph
         self.spec = spec
-        self.analysis = Analysis(gm)
+        self.analysis = Analysis(gm, opaque)
         self.widths: dict[fx.Node, Width] = self.analysis.widths(spec)
         self.comps: dict[fx.Node, Comp] = {}
         self.originals = [n for n in self.graph.nodes]

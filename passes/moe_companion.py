@@ -44,7 +44,7 @@ def moe_companion(ctx, region: MoERegion) -> Comp | None:
     device = get_attr_tensor(ctx.gm, ctx.analysis.token_embedding.args[0]).device
     source = expert_weights(ctx.gm, region, d) if ctx.spec.init == "copy" else None
     gate, up, down = inits.dense_ffn(source, d, c.size, units, ctx.spec.init, ctx.generator)
-    name = f"{region.module}.moe_ffn"
+    name = f"{region.module}.{'moe_ffn' if region.routed else 'side_ffn'}"
     w_g = ctx.new_param(f"{name}.gate_proj.weight.inserted", gate, dtype, device)
     w_u = ctx.new_param(f"{name}.up_proj.weight.inserted", up, dtype, device)
     w_d = ctx.new_param(f"{name}.down_proj.weight.inserted", down, dtype, device)

@@ -165,12 +165,13 @@ def test_unsupported_idioms_are_refused_naming_node_and_reason(make, node, reaso
 UNTOUCHED = {
     "arange": "positions from the sequence length", "embedding": "token lookup (SeedResidual adds the companion)",
     "full": "mask construction", "zeros": "mask construction", "ones": "mask construction",
-    "new_ones": "mask construction", "hstack": "mask construction (meta-llama)", "tril": "mask construction",
+    "hstack": "mask construction (meta-llama)", "tril": "mask construction",
     "triu": "mask construction", "cumsum": "positions from the padding mask", "__and__": "mask combination",
     "sym_size": "shape inspection", "_assert_tensor_metadata": "shape/dtype inspection",
 }
 # Ops refused on purpose when inserted dims reach them (propagate_companions' routing list, and the `index`
-# rule's data-dependent case): token routing gathers rows by values the inserted dims must not steer.
+# rule's data-dependent case): token routing gathers rows by values the inserted dims must not steer. Inside a
+# residual block such a refusal (or any op without a rule, e.g. conv1d) makes the block an opaque region.
 REFUSED = {"index_put", "index_add", "index_select", "scatter", "scatter_add", "gather", "nonzero"}
 
 
