@@ -1,5 +1,6 @@
 """`otter-surgery support`: which causal-LM families of the installed transformers go through insert(),
-checked live on tiny random configs (captured / inserted / bit-identical fp32 / bf16 / decodes: otter.generate
+checked live on tiny random configs (captured / inserted / bit-identical fp32 / bf16 on a padded batch of 2 x 9
+and single rows of 1 and 6 tokens / decodes: otter.generate
 gives transformers' own greedy tokens, padded and unpadded batches, fp32)."""
 from __future__ import annotations
 
@@ -74,10 +75,15 @@ def check_family(arch: str) -> SupportRow:
             ids = torch.randint(3, vocab_size(model), (2, 9), generator=gen)
             mask = torch.ones_like(ids)
             mask[0, :3] = 0
-            batch = {"input_ids": ids, "attention_mask": mask}
-            with torch.no_grad():
-                got = omodel(**batch).logits
-            setattr(row, "fp32" if dtype == torch.float32 else "bf16", bits_equal(got, reference_logits(model, batch)))
+            # a padded batch, and one row of one token and of six (where kernels pick other paths)
+            batches = [{"input_ids": ids, "attention_mask": mask}] + [
+                {"input_ids": ids[:1, :n], "attention_mask": torch.ones_like(ids[:1, :n])} for n in (1, 6)]
+            equal = True
+            for batch in batches:
+                with torch.no_grad():
+                    got = omodel(**batch).logits
+                equal = equal and bits_equal(got, reference_logits(model, batch))
+            setattr(row, "fp32" if dtype == torch.float32 else "bf16", equal)
             if dtype == torch.float32:
                 row.decodes, row.decode_note = check_decoding(model, omodel, ids, mask)
         except Exception as exc:
