@@ -16,8 +16,9 @@ Otter token / cal   RewardGuided(head="token") and Calibrated: the vocab head of
                     in one batched step, reordering its cache to the winner (ARGS' released code)
 (c) GenARM separate a separate token-level reward model: one extra cached forward per token
 (d) DExperts        expert and anti-expert models beside the base: two extra cached forwards per token
---compiled          also: otter.compile'd decoding (greedy, Calibrated) vs the base's own decode-step graphs
-                    compiled the same way ("(e) greedy, compiled"); compiled rows are compared with that row
+--compiled          also: otter.compile'd decoding (greedy, token-level ARGS, Calibrated) vs the base's own decode-step
+                    graphs compiled the same way ("(e) greedy, compiled"; compiled rows are compared with that row),
+                    and (c) with both models' steps compiled the same way
 
 The separate models are copies of SmolLM2-135M (+ a value head for (a)/(b)): the paper's setting, a calibration
 model of the base model's size. Weights of the inserted and separate heads are untrained: this measures cost.
@@ -124,6 +125,23 @@ def compiled_greedy(steps, ids, mask, new):
         mask, pos = torch.cat([mask, torch.ones_like(tok)], 1), pos[:, -1:] + 1
         logits, past = steps("one", tok, mask, pos, past)
     return torch.cat(out, 1), nbytes(past)
+
+
+def compiled_genarm(steps, rm_steps, ids, mask, new, alpha):
+    """(c) with both models' decode steps compiled: the fair baseline for a compiled Otter token-level head."""
+    past = [torch.zeros(ids.shape[0], h, 0, d) for h, d in steps.shapes]
+    rm_past = [torch.zeros(ids.shape[0], h, 0, d) for h, d in rm_steps.shapes]
+    pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    logits, past = steps("prefill", ids, mask, pos, past)
+    r, rm_past = rm_steps("prefill", ids, mask, pos, rm_past)
+    out = []
+    for _ in range(new):
+        tok = (logits.log_softmax(-1) + alpha * r.log_softmax(-1)).argmax(-1, keepdim=True)
+        out.append(tok)
+        mask, pos = torch.cat([mask, torch.ones_like(tok)], 1), pos[:, -1:] + 1
+        logits, past = steps("one", tok, mask, pos, past)
+        r, rm_past = rm_steps("one", tok, mask, pos, rm_past)
+    return torch.cat(out, 1), nbytes(past) + nbytes(rm_past)
 
 
 def ops_per_block(base, spec) -> dict:
@@ -280,12 +298,17 @@ def main() -> None:
                                              params["otter_reward"])
         methods["Otter Calibrated, compiled"] = (lambda i, m: otter_run(compiled_t, i, m, args.new, otter.Calibrated(alpha)),
                                                  params["otter_token"])
+        methods["Otter ARGS (token), compiled"] = (
+            lambda i, m: otter_run(compiled_t, i, m, args.new, otter.RewardGuided(w, args.k, "token")), params["otter_token"])
+        rm_steps = CompiledSteps(rm_lm)
+        methods["(c) GenARM separate, compiled"] = (lambda i, m: compiled_genarm(steps, rm_steps, i, m, args.new, alpha),
+                                                    params["rm_lm"])
     results = []
     for batch in args.batches:
         ids, mask = prompts(tok, batch)
         check = greedy(base, ids, mask, args.new)[0]
         for name, (fn, _) in methods.items():  # warm-up (and capture of the step graphs), outside the timing
-            if name.startswith(("Otter", "(e)")):
+            if name.startswith(("Otter", "(e)")) or name.endswith("compiled"):
                 fn(ids, mask)
         times = {name: [] for name in methods}
         cache, cache_tokens = {}, {}
@@ -316,7 +339,9 @@ def main() -> None:
         for r in rows.values():
             otter_vs = {"Otter ARGS (scalar)": ["(a) RM rescoring", "(b) RM cached"],
                         "Otter ARGS (token)": ["(a) RM rescoring", "(b) RM cached", "(c) GenARM separate"],
-                        "Otter Calibrated": ["(c) GenARM separate", "(d) DExperts"]}.get(r["method"], [])
+                        "Otter Calibrated": ["(c) GenARM separate", "(d) DExperts"],
+                        "Otter ARGS (token), compiled": ["(c) GenARM separate, compiled"],
+                        "Otter Calibrated, compiled": ["(c) GenARM separate, compiled"]}.get(r["method"], [])
             r["time_pct_of"] = {o: 100 * r["extra_ms_per_token"] / rows[o]["extra_ms_per_token"] for o in otter_vs if o in rows}
             r["memory_pct_of"] = {o: 100 * r["extra_bytes"] / rows[o]["extra_bytes"] for o in otter_vs if o in rows}
             table.append(r)

@@ -32,7 +32,7 @@ from .model import OtterModel
 OBJECTIVES = ("regression", "pairwise", "calibration", "medusa", "genarm")
 _NEEDS = {"regression": "reward", "pairwise": "reward", "calibration": "calibration", "medusa": "medusa",
           "genarm": "calibration"}
-_METRIC = {"regression": "mse", "pairwise": "pair_accuracy", "calibration": "ce", "medusa": "ce",
+_METRIC = {"regression": "mse", "pairwise": "pair_accuracy", "calibration": "ce", "medusa": "top1_head1",
            "genarm": "pair_accuracy"}  # the metric batch_loss reports beside the loss
 
 
@@ -63,6 +63,15 @@ def _next_token_ce(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, 
     pred, target = logits[:, :-shift], ids[:, shift:]
     valid = (mask[:, :-shift] * mask[:, shift:]).bool()
     return F.cross_entropy(pred[valid].float(), target[valid])
+
+
+def _next_token_top1(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, shift: int) -> float:
+    """Fraction of real positions t whose argmax at t is the token at t+shift."""
+    if ids.shape[1] <= shift:
+        return 0.0
+    valid = (mask[:, :-shift] * mask[:, shift:]).bool()
+    hits = logits[:, :-shift].argmax(-1) == ids[:, shift:]
+    return hits[valid].float().mean().item() if bool(valid.any()) else 0.0
 
 
 def _continuation_logprob(logits: torch.Tensor, ids: torch.Tensor, lengths: list[int]) -> torch.Tensor:
@@ -111,9 +120,11 @@ def batch_loss(omodel: OtterModel, examples: list[dict], objective: str, *, pad_
         loss = _next_token_ce(steered, ids, mask, 1)
         return loss, {"ce": loss.item()}
     if objective == "medusa":
-        losses = [_next_token_ce(out.medusa[:, :, k], ids, mask, k + 2) for k in range(out.medusa.shape[2])]
-        loss = torch.stack(losses).mean()
-        return loss, {"ce": loss.item()}
+        heads = range(out.medusa.shape[2])
+        loss = torch.stack([_next_token_ce(out.medusa[:, :, k], ids, mask, k + 2) for k in heads]).mean()
+        # Medusa's own metric: how often head k's argmax is the token k+2 ahead (what decides acceptance)
+        top1 = {f"top1_head{k + 1}": _next_token_top1(out.medusa[:, :, k], ids, mask, k + 2) for k in heads}
+        return loss, {"ce": loss.item(), **top1}
     raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
 
 

@@ -72,12 +72,18 @@ def test_other_objectives_reduce_their_loss(tiny_llama, objective, signal):
     else:  # a corpus with a fixed pattern the base model does not know
         data = [{"input_ids": [11, 12, 13, 14, 15, 16, 17, 18][: 4 + i % 5]} for i in range(32)]
     omodel = otter.insert(tiny_llama, otter.InsertSpec(extra_dim=8, extra_heads=3, extra_ffn=8, signal=signal))
-    start = otter.evaluate(omodel, data, objective)["loss"]
+    first = otter.evaluate(omodel, data, objective)
+    start = first["loss"]
     # lr 1e-2: with norm_stats="wide" the inserted dims are bounded, so a vocab head's logits grow only with
     # its own weights (this toy model's output matrix is tiny: std 0.02); at 3e-3 it needs more than 40 steps
     result = otter.train(omodel, data, objective, steps=40, batch_size=8, lr=1e-2, progress=False)
-    end = otter.evaluate(omodel, data, objective)["loss"]
+    last = otter.evaluate(omodel, data, objective)
+    end = last["loss"]
     assert end < 0.5 * start, (start, end, result.losses[-5:])
+    if objective == "medusa":  # per-head top-1 (the token k+2 ahead): the pattern is learnt
+        heads = [k for k in last if k.startswith("top1_head")]
+        assert heads == ["top1_head1", "top1_head2", "top1_head3"][:len(heads)] and heads
+        assert all(first[k] < 0.5 < last[k] <= 1.0 for k in heads), (first, last)
 
 
 def test_training_is_seeded_and_supports_accumulation_bf16_and_early_stop(tiny_llama):
