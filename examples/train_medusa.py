@@ -62,11 +62,21 @@ def head_accuracy(omodel, texts: list[list[int]], prompt_lens: list[int]) -> lis
     return [hits[k] / max(total[k], 1) for k in sorted(hits)]
 
 
-def time_decoding(omodel, prompts, pad: int, batch: int, new: int, repeats: int) -> dict:
+def frequent_tokens(texts: list[list[int]], n: int) -> list[int]:
+    """The n most frequent token ids of `texts` (a draft vocabulary, as FR-Spec builds one)."""
+    counts = torch.bincount(torch.tensor([t for text in texts for t in text]))
+    return counts.topk(min(n, int((counts > 0).sum()))).indices.tolist()
+
+
+def time_decoding(omodel, prompts, pad: int, batch: int, new: int, repeats: int, draft_vocab=None) -> dict:
+    """Greedy vs speculative (full-vocabulary drafts, and drafts from `draft_vocab` when given), alternating."""
     ids, mask = left_pad(prompts[:batch], pad)
     runs = {"greedy": lambda: otter.generate(omodel, ids, attention_mask=mask, max_new_tokens=new, eos_token_id=[]),
             "speculative": lambda: otter.generate(omodel, ids, attention_mask=mask, max_new_tokens=new,
                                                   eos_token_id=[], guide=otter.Speculative())}
+    if draft_vocab is not None:
+        runs["shortlist"] = lambda: otter.generate(omodel, ids, attention_mask=mask, max_new_tokens=new, eos_token_id=[],
+                                                   guide=otter.Speculative(draft_vocab=draft_vocab))
     outs = {k: f() for k, f in runs.items()}  # warm-up: builds the decode-step graphs
     times = {k: [] for k in runs}
     for _ in range(repeats):
@@ -75,11 +85,17 @@ def time_decoding(omodel, prompts, pad: int, batch: int, new: int, repeats: int)
             outs[k] = f()
             times[k].append(time.perf_counter() - t0)
     ms = {k: 1000 * statistics.median(v) / new for k, v in times.items()}
-    return {"batch": batch, "greedy_ms_per_token": ms["greedy"], "speculative_ms_per_token": ms["speculative"],
-            "speed_up": ms["greedy"] / ms["speculative"],
-            "mean_accepted_length": outs["speculative"].stats["mean_accepted_length"],
-            "forwards_per_token": outs["speculative"].stats["forwards_per_token"],
-            "identical": bool(torch.equal(outs["greedy"].sequences, outs["speculative"].sequences))}
+    row = {"batch": batch, "greedy_ms_per_token": ms["greedy"], "speculative_ms_per_token": ms["speculative"],
+           "speed_up": ms["greedy"] / ms["speculative"],
+           "mean_accepted_length": outs["speculative"].stats["mean_accepted_length"],
+           "forwards_per_token": outs["speculative"].stats["forwards_per_token"],
+           "identical": bool(torch.equal(outs["greedy"].sequences, outs["speculative"].sequences))}
+    if draft_vocab is not None:
+        row |= {"draft_vocab": len(draft_vocab), "shortlist_ms_per_token": ms["shortlist"],
+                "shortlist_speed_up": ms["greedy"] / ms["shortlist"],
+                "shortlist_mean_accepted_length": outs["shortlist"].stats["mean_accepted_length"],
+                "shortlist_identical": bool(torch.equal(outs["greedy"].sequences, outs["shortlist"].sequences))}
+    return row
 
 
 def main() -> None:
@@ -92,6 +108,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--init", default="copy")
     ap.add_argument("--decode-new", type=int, default=64)
+    ap.add_argument("--draft-vocab", type=int, default=4096,
+                    help="also decode with drafts from the N most frequent tokens of the training texts (0: off)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="medusa.json")
@@ -117,7 +135,8 @@ def main() -> None:
     train_s = time.perf_counter() - t0
     after = head_accuracy(omodel, test_texts, [len(p) for p in test_p])
     otter.save(omodel, args.adapter)
-    decoding = [time_decoding(omodel, test_p, pad, b, args.decode_new, args.repeats) for b in (1, 4)]
+    shortlist = frequent_tokens(train_texts, args.draft_vocab) if args.draft_vocab else None
+    decoding = [time_decoding(omodel, test_p, pad, b, args.decode_new, args.repeats, shortlist) for b in (1, 4)]
     print(f"SmolLM2-135M, {args.heads} medusa heads (init {args.init}), {args.steps} steps x 8 distilled texts, "
           f"{train_s:.0f} s; held-out top-1 per head: before {[round(a, 3) for a in before]}, "
           f"after {[round(a, 3) for a in after]}")
@@ -125,6 +144,9 @@ def main() -> None:
     for d in decoding:
         print(f"{d['batch']:>5}{d['greedy_ms_per_token']:>15.1f}{d['speculative_ms_per_token']:>13.1f}"
               f"{d['speed_up']:>10.2f}{d['mean_accepted_length']:>14.2f}{str(d['identical']):>11}")
+        if shortlist:
+            print(f"{'':>5}{'drafts from ' + str(len(shortlist)) + ' tokens':>28}{d['shortlist_speed_up']:>10.2f}"
+                  f"{d['shortlist_mean_accepted_length']:>14.2f}{str(d['shortlist_identical']):>11}")
     meta = {"date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),
             "threads": args.threads, "torch": torch.__version__, "args": vars(args), "spec": spec.to_dict(),
             "distill_s": distill_s, "train_s": train_s, "final_loss": result.losses[-1]}

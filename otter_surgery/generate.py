@@ -60,19 +60,28 @@ class Calibrated:
             raise ValueError(f"Calibrated.top_p must be in (0, 1], got {self.top_p!r}")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Speculative:
     """Medusa-style speculative decoding with the inserted `medusa` heads: the heads draft the next tokens,
     one cached forward over [greedy token, drafts] checks them all, and the longest prefix that matches the
     base's own argmax is kept (rows of a batch keep the same number, the smallest any row accepted, so their
     caches stay aligned); the rejected positions are rolled back. Greedy only. n_draft: heads to use
-    (None: all of InsertSpec.n_medusa)."""
+    (None: all of InsertSpec.n_medusa). draft_vocab: token ids the heads may draft (e.g. the most frequent
+    tokens of your text, as FR-Spec does): the heads read out only those rows of the output matrix, a fraction
+    of the vocab x d product per step; a token outside it is simply never drafted. The output is the same
+    either way (the base verifies every draft)."""
 
     n_draft: int | None = None
+    draft_vocab: torch.Tensor | list[int] | None = None
 
     def __post_init__(self) -> None:
         if self.n_draft is not None and (not isinstance(self.n_draft, int) or self.n_draft < 1):
             raise ValueError(f"Speculative.n_draft must be an int >= 1 or None, got {self.n_draft!r}")
+        if self.draft_vocab is not None:
+            vocab = torch.as_tensor(self.draft_vocab)
+            if vocab.dim() != 1 or vocab.numel() == 0 or vocab.dtype not in (torch.int32, torch.int64) or bool((vocab < 0).any()):
+                raise ValueError("Speculative.draft_vocab must be a non-empty 1-D list/tensor of token ids >= 0")
+            object.__setattr__(self, "draft_vocab", vocab.long().unique())
 
 
 Guide = RewardGuided | Calibrated | Speculative
@@ -313,15 +322,25 @@ def _args_step(dec, out: StepOutput, state: DecodeState, logits: torch.Tensor, g
     return cand.gather(1, j[:, None]).squeeze(1), reward.gather(1, j[:, None]).squeeze(1), out_k.rows(pick), state_k.select(pick)
 
 
-def _draft(out: StepOutput, position: torch.Tensor, n: int) -> torch.Tensor:
-    """The medusa heads' drafts [rows, n] read at `position` [rows] of a step's output (head k: token t+k+2)."""
-    return out.medusa_logits(position)[:, :n].float().argmax(-1)
+def _draft(out: StepOutput, position: torch.Tensor, n: int, vocab: torch.Tensor | None,
+           rows_at_vocab: torch.Tensor | None = None) -> torch.Tensor:
+    """The medusa heads' drafts [rows, n] read at `position` [rows] of a step's output (head k: token t+k+2),
+    over the whole vocabulary or over `vocab` (token ids) only."""
+    if vocab is None:
+        return out.medusa_logits(position)[:, :n].float().argmax(-1)
+    return vocab[out.head_logits_over("medusa", position, vocab, rows_at_vocab)[:, :n].float().argmax(-1)]
 
 
 def _decode_speculative(omodel, input_ids, mask, max_new_tokens, guide: Speculative, eos_token_id,
                         pad_token_id) -> GenerateOutput:
     dec = decoder(omodel)
     n = guide.n_draft or omodel.spec.n_medusa
+    vocab = guide.draft_vocab
+    if vocab is not None:
+        size = omodel.base_config.get("vocab_size") if omodel.base_config else None
+        if size is not None and int(vocab.max()) >= size:
+            raise ValueError(f"Speculative.draft_vocab holds token id {int(vocab.max())}, but the vocabulary has {size}")
+        vocab = vocab.to(input_ids.device)
     eos, pad = _eos_and_pad(omodel, eos_token_id, pad_token_id)
     eos = eos.to(input_ids.device)
     rows = input_ids.shape[0]
@@ -331,7 +350,9 @@ def _decode_speculative(omodel, input_ids, mask, max_new_tokens, guide: Speculat
         out, state = dec.start(input_ids, mask)
         forwards, verifies, accepted_total = 1, 0, 0
         nxt = out.logits[:, -1].float().argmax(-1)  # the base's greedy token: always right
-        drafts = _draft(out, torch.full((rows,), out.logits.shape[1] - 1, device=input_ids.device), n)
+        readout = out.readouts.get("medusa")
+        sub = readout[vocab] if vocab is not None and readout is not None else None  # gathered once
+        drafts = _draft(out, torch.full((rows,), out.logits.shape[1] - 1, device=input_ids.device), n, vocab, sub)
         tokens: list[torch.Tensor] = []
         unfinished = torch.ones(rows, dtype=torch.bool, device=input_ids.device)
         while len(tokens) < max_new_tokens and bool(unfinished.any()):
@@ -353,7 +374,7 @@ def _decode_speculative(omodel, input_ids, mask, max_new_tokens, guide: Speculat
                     unfinished &= ~torch.isin(tok, eos)
             state = vstate.truncate(length + 1 + accept)
             nxt = pred[row_ids, accept]
-            drafts = _draft(vout, torch.full((rows,), accept, device=input_ids.device), n)
+            drafts = _draft(vout, torch.full((rows,), accept, device=input_ids.device), n, vocab, sub)
     seconds = time.perf_counter() - t0
     base_bytes, inserted_bytes = state.cache_bytes()
     stats = {"forwards": forwards, "new_tokens": len(tokens), "seconds": seconds, "cached": dec.cached,

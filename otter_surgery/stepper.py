@@ -58,6 +58,17 @@ class StepOutput:
         # [rows, 1, d] x [rows, d, k]: k rows of the output matrix per row instead of all of them
         return torch.bmm(at[:, :1], readout[tokens].transpose(1, 2))[:, 0]
 
+    def head_logits_over(self, name: str, position: torch.Tensor, vocab: torch.Tensor,
+                         rows_at_vocab: torch.Tensor | None = None) -> torch.Tensor:
+        """A vocab head's logits at `position` [rows] over the token ids `vocab` only ([rows, (K,) len(vocab)]).
+        rows_at_vocab: the output matrix's rows at `vocab`, gathered once by a caller that reads many steps."""
+        heads = self.signals[name]
+        at = heads[torch.arange(heads.shape[0], device=heads.device), position]
+        readout = self.readouts.get(name)
+        if readout is None:
+            return at[..., vocab]
+        return at @ (readout[vocab] if rows_at_vocab is None else rows_at_vocab).t()
+
     def medusa_logits(self, position: torch.Tensor) -> torch.Tensor:
         """The medusa heads' logits [rows, K, vocab] at `position` [rows] of this step's new tokens."""
         return self.head_logits("medusa", position)

@@ -57,7 +57,7 @@ def test_accepted_and_rejected_drafts_roll_back_to_the_greedy_tokens(medusa_mode
         seen["length"] = state.mask.shape[1]
         return real_verify(self, tokens, state)
 
-    def draft(out, position, n):
+    def draft(out, position, n, *vocab):
         start = ids.shape[1] if seen["length"] is None else seen["length"] + 1 + int(position[0])
         d = want[:, start + 1:start + 1 + n].clone()  # the tokens after the greedy token at `start`
         if wrong_at is not None:
@@ -104,6 +104,36 @@ def test_speculative_needs_the_medusa_signal_and_enough_heads(tiny_llama, medusa
         otter.generate(omodel, ids, attention_mask=mask, guide=otter.Speculative(), do_sample=True)
     with pytest.raises(ValueError, match="n_draft"):
         otter.Speculative(n_draft=0)
+    for bad in ([], [[1, 2]], [-1, 3], [1.5]):
+        with pytest.raises(ValueError, match="draft_vocab"):
+            otter.Speculative(draft_vocab=bad)
+    with pytest.raises(ValueError, match="token id 64"):
+        otter.generate(omodel, ids, attention_mask=mask, guide=otter.Speculative(draft_vocab=[3, 64]))
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_a_draft_vocabulary_keeps_the_greedy_tokens_and_drafts_only_from_it(medusa_model, monkeypatch, rows):
+    """Speculative(draft_vocab=ids): the heads read out only those rows of the output matrix (FR-Spec's
+    frequent-token shortlist); the tokens stay the greedy ones, and every draft is one of the ids."""
+    ids, mask = _batch(rows, seed=4)
+    vocab = torch.arange(3, 40)
+    drafted = []
+    real = gen._draft
+
+    def spy(*args):
+        drafted.append(real(*args))
+        return drafted[-1]
+
+    monkeypatch.setattr(gen, "_draft", spy)
+    want = otter.generate(medusa_model, ids, attention_mask=mask, max_new_tokens=12, eos_token_id=[])
+    got = otter.generate(medusa_model, ids, attention_mask=mask, max_new_tokens=12, eos_token_id=[],
+                         guide=otter.Speculative(draft_vocab=vocab.tolist()))
+    assert torch.equal(got.sequences, want.sequences)
+    assert drafted and all(bool(torch.isin(d, vocab).all()) for d in drafted)
+    # the shortlist's logits are the full readout's at those ids
+    out, _ = decoder(medusa_model).start(ids, mask)
+    pos = torch.full((rows,), out.logits.shape[1] - 1)
+    torch.testing.assert_close(out.head_logits_over("medusa", pos, vocab), out.medusa_logits(pos)[..., vocab])
 
 
 def test_decode_steps_read_the_medusa_heads_out_at_one_position(medusa_model):
