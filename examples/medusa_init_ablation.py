@@ -2,7 +2,8 @@
 the inserted parameters, same distilled data, steps, lr and seed, on SmolLM2-135M. Per init: head-1 top-1
 accuracy on held-out distilled text during training, each head's final top-1, and the speed-up of
 otter.generate(guide=otter.Speculative()) over otter.generate at batch 1 (ratios from one run, alternating
-repeats; outputs checked identical). Writes JSON and a PNG (needs matplotlib: the `plot` extra).
+repeats; outputs checked identical), with full-vocabulary drafts and with drafts from the --draft-vocab most
+frequent tokens of the training texts (Speculative(draft_vocab=...)). Writes JSON and a PNG (needs matplotlib: the `plot` extra).
 
     python examples/medusa_init_ablation.py [--steps 60] [--eval-every 15] [--out medusa_init_ablation.json]
 
@@ -25,7 +26,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 import otter_surgery as otter  # noqa: E402
 from otter_surgery.real_model import load_smollm2  # noqa: E402
 from sentiment_data import read_sentences  # noqa: E402
-from train_medusa import distill, openings, time_decoding  # noqa: E402
+from train_medusa import distill, frequent_tokens, openings, time_decoding  # noqa: E402
 
 
 def plot(results: dict, path: str) -> bool:
@@ -67,6 +68,8 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=32, help="distilled continuation length")
     ap.add_argument("--decode-new", type=int, default=48)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--draft-vocab", type=int, default=4096,
+                    help="also time drafts from the N most frequent tokens of the training texts (0: off)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="medusa_init_ablation.json")
@@ -90,19 +93,23 @@ def main() -> None:
         start = {"step": 0, **otter.evaluate(omodel, test_x, "medusa", batch_size=8, pad_id=pad)}
         res = otter.train(omodel, train_x, "medusa", eval_data=test_x, steps=args.steps, batch_size=8, lr=args.lr,
                           seed=args.seed, eval_every=args.eval_every, pad_id=pad, progress=False)
-        decoding = time_decoding(omodel, test_p, pad, 1, args.decode_new, args.repeats)
+        shortlist = frequent_tokens(texts[0], args.draft_vocab) if args.draft_vocab else None
+        decoding = time_decoding(omodel, test_p, pad, 1, args.decode_new, args.repeats, shortlist)
         final = res.evals[-1]
         results[init] = {"evals": [start, *res.evals], "losses": res.losses, "train_s": res.seconds,
                          "head_top1": [final[k] for k in sorted(final) if k.startswith("top1_head")],
                          "decoding": decoding}
         print(f"{init:>7}: head top-1 {[round(a, 3) for a in results[init]['head_top1']]}, speed-up "
-              f"{decoding['speed_up']:.2f}, accepted {decoding['mean_accepted_length']:.2f}, "
-              f"identical {decoding['identical']}, {res.seconds:.0f} s", flush=True)
-    print(f"{'init':>7}{'top1 h1@0':>11}{'top1 h1@end':>13}{'speed-up':>10}{'tok/verify':>12}{'identical':>11}")
+              f"{decoding['speed_up']:.2f} ({decoding.get('shortlist_speed_up', float('nan')):.2f} with the shortlist), "
+              f"accepted {decoding['mean_accepted_length']:.2f}, identical {decoding['identical']}, {res.seconds:.0f} s",
+              flush=True)
+    print(f"{'init':>7}{'top1 h1@0':>11}{'top1 h1@end':>13}{'speed-up':>10}{'shortlist':>11}{'tok/verify':>12}"
+          f"{'identical':>11}")
     for init, r in results.items():
         d = r["decoding"]
         print(f"{init:>7}{r['evals'][0]['top1_head1']:>11.3f}{r['evals'][-1]['top1_head1']:>13.3f}"
-              f"{d['speed_up']:>10.2f}{d['mean_accepted_length']:>12.2f}{str(d['identical']):>11}")
+              f"{d['speed_up']:>10.2f}{d.get('shortlist_speed_up', float('nan')):>11.2f}{d['mean_accepted_length']:>12.2f}"
+              f"{str(d['identical'] and d.get('shortlist_identical', True)):>11}")
     meta = {"date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),
             "threads": args.threads, "torch": torch.__version__, "args": vars(args),
             "total_s": time.perf_counter() - t_all}
