@@ -42,10 +42,16 @@ def plot(results: dict, path: str) -> bool:
     for init, r in results.items():
         ax1.plot([e["step"] for e in r["evals"]], [e["top1_head1"] for e in r["evals"]], marker="o", label=init)
     inits = list(results)
-    ax2.bar(inits, [results[i]["decoding"]["speed_up"] for i in inits])
+    x = range(len(inits))
+    full = [results[i]["decoding"]["speed_up"] for i in inits]
+    short = [results[i]["decoding"].get("shortlist_speed_up", 0.0) for i in inits]
+    ax2.bar([k - 0.2 for k in x], full, width=0.4, label="drafts over the whole vocabulary")
+    ax2.bar([k + 0.2 for k in x], short, width=0.4, label="drafts from the frequent-token shortlist")
     for k, i in enumerate(inits):
-        ax2.text(k, results[i]["decoding"]["speed_up"], f"{results[i]['decoding']['mean_accepted_length']:.2f} tok/verify",
+        ax2.text(k, max(full[k], short[k]), f"{results[i]['decoding']['mean_accepted_length']:.2f} tok/verify",
                  ha="center", va="bottom", fontsize=8)
+    ax2.set_xticks(list(x), inits)
+    ax2.legend(fontsize=7)
     ax1.set(xlabel="step", ylabel="held-out top-1 of head 1", title="Medusa head 1 (token t+2)")
     ax2.set(ylabel="speculative / greedy speed (batch 1)", title="resulting speed-up")
     ax2.axhline(1.0, color="grey", lw=0.8)
