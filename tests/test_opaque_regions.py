@@ -155,3 +155,23 @@ def test_frozen_weights_keep_the_users_matmul_kernel():
         for shp in ((1, 1), (1, 7), (3, 1), (2, 5)):
             ids = torch.randint(0, 40, shp)
             assert torch.equal(omodel(input_ids=ids).logits, model(ids)), shp
+
+
+def test_opaque_regions_save_load_and_decode(tmp_path):
+    """The retry is deterministic: an adapter reloads onto the same regions, and generate() decodes the
+    base's greedy tokens (the plain decoder has no cache: a recomputed whole-sequence step)."""
+    torch.manual_seed(0)
+    model = HybridDecoder().eval()
+    omodel = otter.insert(model, otter.InsertSpec(extra_dim=4, extra_heads=1, extra_ffn=8, init="normal"))
+    otter.save(omodel, tmp_path / "adapter")
+    again = otter.load(model, tmp_path / "adapter")
+    ids = torch.randint(0, 48, (2, 7), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        a, b = omodel(input_ids=ids), again(input_ids=ids)
+    assert torch.equal(a.logits, b.logits) and torch.equal(a.reward, b.reward)
+    out = otter.generate(omodel, ids, max_new_tokens=4, eos_token_id=[])
+    seq = ids
+    with torch.no_grad():
+        for _ in range(4):
+            seq = torch.cat([seq, model(seq)[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(out.sequences, seq)
