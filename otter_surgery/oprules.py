@@ -392,6 +392,18 @@ def filled_like(ctx: Context, node: fx.Node) -> Comp | None:
     return replace(c, node=ctx.emit(node.target, (c.node, *node.args[1:]), dict(node.kwargs)), sizes=None)
 
 
+@rule("pad", "constant_pad_nd")
+def pad(ctx: Context, node: fx.Node) -> Comp | None:
+    """F.pad(x, pad, ...) along axes other than the inserted one (RWKV's token shift pads and crops time): the
+    companion is padded the same way, so its inserted dims shift with the original ones."""
+    src, c = _single_comp(ctx, node)
+    widths = list(node.args[1])
+    axis = ndim(src) - 1 - c.axis  # F.pad lists (before, after) pairs from the last axis backwards
+    if any(widths[2 * axis:2 * axis + 2]):
+        _fail(node, "pads along the inserted axis")
+    return replace(c, node=ctx.emit(node.target, (c.node, *node.args[1:]), dict(node.kwargs)), sizes=None)
+
+
 @rule("new_zeros", "new_ones", "new_full", "new_empty")
 def new_of_size(ctx: Context, node: fx.Node) -> Comp | None:
     """x.new_zeros(size): a fresh tensor of the given (original) size; x lends only its dtype and device, so

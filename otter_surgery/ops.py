@@ -20,7 +20,7 @@ from .graph_utils import get_attr_tensor, op_name
 aten = torch.ops.aten
 
 _ELEMENTWISE = {
-    "add", "sub", "mul", "div", "neg", "rsqrt", "sqrt", "pow", "exp", "exp2", "expm1", "log", "log1p", "log2",
+    "add", "sub", "rsub", "mul", "div", "neg", "rsqrt", "sqrt", "pow", "exp", "exp2", "expm1", "log", "log1p", "log2",
     "tanh", "sigmoid", "silu", "gelu", "relu", "relu6", "erf", "abs", "sign", "reciprocal", "square", "clamp",
     "clamp_min", "clamp_max", "minimum", "maximum", "where", "masked_fill", "sin", "cos", "floor", "ceil", "round",
     "to", "_to_copy", "type_as", "clone", "alias", "contiguous", "detach", "dropout", "softplus", "hardtanh",

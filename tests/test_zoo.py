@@ -171,7 +171,7 @@ UNTOUCHED = {
 }
 # Ops with no rule on purpose that the zoo holds inside residual blocks: insert() makes their block an opaque
 # region (the original computation, a side FFN beside it), so inserted dims never reach them either.
-OPAQUE = {"conv1d": "the causal depthwise conv of a Mamba mixer (mamba_minimal)"}
+OPAQUE = {"conv1d": "the causal depthwise conv of a Mamba mixer (mamba_minimal)"}  # (RWKV: region from a refused mul)
 # Ops refused on purpose when inserted dims reach them (propagate_companions' routing list, and the `index`
 # rule's data-dependent case): token routing gathers rows by values the inserted dims must not steer. Inside a
 # residual block such a refusal (or any op without a rule, e.g. conv1d) makes the block an opaque region.

@@ -11,7 +11,7 @@ import importlib
 import torch
 
 NAMES = ("mingpt", "llama2c", "meta_llama", "mistral", "gpt_fast", "nanochat", "xtransformers", "olmo", "annotated", "litgpt",
-         "mamba_minimal")
+         "mamba_minimal", "rwkv")
 
 
 def build(name: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.nn.Module:
