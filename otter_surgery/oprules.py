@@ -123,8 +123,9 @@ class _ZeroOperand(Exception):
 
 
 def _parameter_derived(ctx: Context, a: fx.Node) -> bool:
-    """A parameter, or elementwise ops over parameters and constants only (Gemma's `1 + weight`)."""
-    if get_attr_tensor(ctx.gm, a) is not None:
+    """A parameter, or elementwise ops over parameters and constants only (Gemma's `1 + weight`; RWKV's
+    `pp + w` over a state started as full(-1e38))."""
+    if get_attr_tensor(ctx.gm, a) is not None or _constant_fill(a, ndim(a) - 1):
         return True
     if a.op != "call_function" or op_name(a) not in ELEMENTWISE_OPS:
         return False
@@ -136,6 +137,8 @@ def _widen_parameter(ctx: Context, a: fx.Node, axis: int, size: int, unit: int) 
     """The inserted slice of a parameter-derived operand: slice the parameters, replay the ops."""
     if get_attr_tensor(ctx.gm, a) is not None:
         return ctx.companion_param(a, axis, size, unit)
+    if _constant_fill(a, axis):
+        return _widened_fill(ctx, a, axis, size)
     nd = ndim(a)
 
     def widen(x):
@@ -147,6 +150,24 @@ def _widen_parameter(ctx: Context, a: fx.Node, axis: int, size: int, unit: int) 
         return _widen_parameter(ctx, x, x_ax, size, unit)
 
     return ctx.emit(a.target, tuple(widen(x) for x in a.args), {k: widen(v) for k, v in a.kwargs.items()})
+
+
+_FILLS = {"full": 1, "zeros": None, "ones": None}  # factory -> position of its fill value (None: implied)
+
+
+def _constant_fill(a: fx.Node, axis: int) -> bool:
+    """A tensor made from sizes and a constant (torch.zeros/ones/full: a recurrence's initial state) whose
+    size list names the axis."""
+    return (a.op == "call_function" and op_name(a) in _FILLS and isinstance(a.args[0], (list, tuple))
+            and len(a.args[0]) == ndim(a) and 0 <= axis < ndim(a))
+
+
+def _widened_fill(ctx: Context, a: fx.Node, axis: int, size: int) -> fx.Node:
+    """The same constant over the inserted dims: a recurrence's state starts for them as for the original
+    ones (RWKV's aa = zeros, pp = full(-1e38) per channel)."""
+    sizes = list(a.args[0])
+    sizes[axis] = size
+    return ctx.emit(a.target, (sizes, *a.args[1:]), dict(a.kwargs))
 
 
 @rule(*ELEMENTWISE_OPS, merged=True)
