@@ -59,12 +59,17 @@ def insert(model: nn.Module, spec: InsertSpec | None = None) -> OtterModel:
     return omodel
 
 
-def rewrite(gm: torch.fx.GraphModule, spec: InsertSpec, freeze: bool = True) -> Rewrite:
+def rewrite(gm: torch.fx.GraphModule, spec: InsertSpec, freeze: bool = True,
+            opaque_within: frozenset[str] | None = None) -> Rewrite:
     """Run the insertion passes over a captured graph, in place; returns the rewrite context (the inserted
     parameters and their readable names). With `freeze`, base parameters are re-wrapped frozen over the same
     storage (for graphs that train); without, the graph keeps the user's own Parameter objects, for graphs
     only ever run under no_grad (the decode step): aten.matmul picks its kernel by `requires_grad` even under
-    no_grad, so keeping the user's flags keeps the base model's exact kernels."""
+    no_grad, so keeping the user's flags keeps the base model's exact kernels.
+
+    A refusal inside a residual block makes that block an opaque region and the rewrite starts again;
+    `opaque_within` (module paths) limits that to blocks the full graph made opaque too, for the graphs that
+    must share its parameters (decode steps, other lengths): elsewhere the refusal stands."""
     from . import passes  # installed as otter_surgery.passes
     from .passes.keep_matmul_kernel import keep_matmul_kernel
 
@@ -80,7 +85,7 @@ def rewrite(gm: torch.fx.GraphModule, spec: InsertSpec, freeze: bool = True) -> 
                 step(ctx)(gm)
             break
         except UnsupportedGraphError as exc:
-            more = _opaque_seeds(pristine, exc, opaque)
+            more = _opaque_seeds(pristine, exc, opaque, opaque_within)
             if not more:
                 raise
             # Try again from the captured graph with the refused node's block (and the same node of every
@@ -95,15 +100,23 @@ def rewrite(gm: torch.fx.GraphModule, spec: InsertSpec, freeze: bool = True) -> 
     return ctx
 
 
-def _opaque_seeds(graph: torch.fx.Graph, exc: UnsupportedGraphError, known: frozenset[str]) -> frozenset[str]:
+def _opaque_seeds(graph: torch.fx.Graph, exc: UnsupportedGraphError, known: frozenset[str],
+                  within: frozenset[str] | None = None) -> frozenset[str]:
     """The refused node and its twins in the other layers (same op, same module path up to layer indices),
-    unless they were seeds already (no progress), the node is not one of the captured graph's own, or a rule
-    crashed there (an engine bug is reported, not routed around)."""
+    unless they were seeds already (no progress), the node is not one of the captured graph's own, a rule
+    crashed there (an engine bug is reported, not routed around), or it lies outside the modules `within`."""
     node = next((n for n in graph.nodes if n.name == exc.node_name), None)
     if node is None or node.name in known or exc.crashed:
         return frozenset()
+    if within is not None and not any(f"{module_path(node)}.".startswith(f"{m}.") for m in within):
+        return frozenset()
     key = (node.target, _layer_pattern(module_path(node)))
     return frozenset(n.name for n in graph.nodes if (n.target, _layer_pattern(module_path(n))) == key) - known
+
+
+def opaque_modules(param_names: dict[str, str]) -> frozenset[str]:
+    """The modules an Otter model made opaque regions (from its inserted parameters' readable names)."""
+    return frozenset(name.split(".side_ffn.")[0] for name in param_names.values() if ".side_ffn." in name)
 
 
 def _layer_pattern(path: str) -> str:

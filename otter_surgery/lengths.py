@@ -42,7 +42,7 @@ class ShapeDispatch:
         return self.graphs[key](input_ids, *rest)
 
     def _build(self, shape: tuple[int, int]) -> fx.GraphModule:
-        from .insert import rewrite
+        from .insert import opaque_modules, rewrite
         from .stepper import _share_inserted
         from .verify import bits_equal, reference_logits
 
@@ -50,7 +50,7 @@ class ShapeDispatch:
         if strategy == "per-length":  # a batch of >= 2 rows keeps the batch axis symbolic (export's 0/1 rule)
             shape = (max(2, shape[0]), shape[1])
         gm = capture(self.model, strategy, shape).graph_module
-        ctx = rewrite(gm, self.omodel.spec)
+        ctx = rewrite(gm, self.omodel.spec, opaque_within=opaque_modules(self.omodel.param_names))
         try:
             _share_inserted(self.omodel, gm, dict(ctx.param_names))
         except CaptureError as exc:

@@ -114,11 +114,11 @@ class _StepGraph:
     """One captured, rewritten variant of the step, sharing the full graph's inserted parameters."""
 
     def __init__(self, omodel: OtterModel, kind: str, masked: bool, store: GemmStore):
-        from .insert import rewrite
+        from .insert import opaque_modules, rewrite
 
         captured = capture_step(omodel.base_model, kind=kind, masked=masked)
         self.gm = captured.graph_module
-        ctx = rewrite(self.gm, omodel.spec, freeze=False)
+        ctx = rewrite(self.gm, omodel.spec, freeze=False, opaque_within=opaque_modules(omodel.param_names))
         _share_inserted(omodel, self.gm, ctx.param_names)
         self.readouts = _projections_out(self.gm, ctx)
         self.merged = merge_side_gemms(self.gm, store)
