@@ -47,7 +47,7 @@ def insert(model: nn.Module, spec: InsertSpec | None = None) -> OtterModel:
     gm = captured.graph_module
     captured_graph = copy.deepcopy(gm.graph)
     ctx = rewrite(gm, spec)
-    _probe(model, gm, captured.takes_mask, captured_graph)
+    _probe(model, gm, captured.takes_mask, captured_graph, captured.strategy)
     meta = OtterMeta(spec, ("logits", *spec.signals), captured.takes_mask, dict(ctx.param_names),
                      base_class=f"{type(model).__module__}.{type(model).__qualname__}",
                      base_model_type=getattr(getattr(model, "config", None), "model_type", None),
@@ -60,7 +60,8 @@ def insert(model: nn.Module, spec: InsertSpec | None = None) -> OtterModel:
 
 
 def rewrite(gm: torch.fx.GraphModule, spec: InsertSpec, freeze: bool = True,
-            opaque_within: frozenset[str] | None = None) -> Rewrite:
+            opaque_within: frozenset[str] | None = None, opaque_keys: tuple = (),
+            kernel_modules: frozenset[str] = frozenset()) -> Rewrite:
     """Run the insertion passes over a captured graph, in place; returns the rewrite context (the inserted
     parameters and their readable names). With `freeze`, base parameters are re-wrapped frozen over the same
     storage (for graphs that train); without, the graph keeps the user's own Parameter objects, for graphs
@@ -69,15 +70,19 @@ def rewrite(gm: torch.fx.GraphModule, spec: InsertSpec, freeze: bool = True,
 
     A refusal inside a residual block makes that block an opaque region and the rewrite starts again;
     `opaque_within` (module paths) limits that to blocks the full graph made opaque too, for the graphs that
-    must share its parameters (decode steps, other lengths): elsewhere the refusal stands."""
+    must share its parameters (decode steps, other lengths): elsewhere the refusal stands; `opaque_keys` (the
+    full graph's seeds, gm.meta["otter_opaque_keys"]) seeds those graphs from the start, so that a refusal the
+    full graph met at its shape makes the same blocks opaque at theirs. The keys used are left in gm.meta."""
     from . import passes  # installed as otter_surgery.passes
     from .passes.keep_matmul_kernel import keep_matmul_kernel
 
     if freeze:
-        keep_matmul_kernel(gm)  # before freezing: reads the user's requires_grad flags
+        # before freezing: reads the user's requires_grad flags; `kernel_modules`: written out in the full graph
+        gm.meta["otter_kernel_modules"] = keep_matmul_kernel(gm, kernel_modules)
         _freeze_shared(gm)
     pristine = copy.deepcopy(gm.graph)
-    opaque: frozenset[str] = frozenset()
+    keys = set(opaque_keys)
+    opaque = frozenset(n.name for n in pristine.nodes if _seed_key(n) in keys)
     while True:
         try:
             ctx = Rewrite(gm, spec, opaque)
@@ -92,8 +97,10 @@ def rewrite(gm: torch.fx.GraphModule, spec: InsertSpec, freeze: bool = True,
             # other layer) as an opaque region: original computation inside, a dense inserted FFN beside it.
             log.info("%s -> retrying with %d opaque seed(s)", exc, len(more))
             opaque |= more
+            keys |= {_seed_key(n) for n in pristine.nodes if n.name in more}
             gm.graph = copy.deepcopy(pristine)
             del gm.otter
+    gm.meta["otter_opaque_keys"] = tuple(sorted(keys))
     gm.graph.eliminate_dead_code()
     _drop_unused_inserted(gm, ctx.param_names)
     gm.recompile()
@@ -110,8 +117,14 @@ def _opaque_seeds(graph: torch.fx.Graph, exc: UnsupportedGraphError, known: froz
         return frozenset()
     if within is not None and not any(f"{module_path(node)}.".startswith(f"{m}.") for m in within):
         return frozenset()
-    key = (node.target, _layer_pattern(module_path(node)))
-    return frozenset(n.name for n in graph.nodes if (n.target, _layer_pattern(module_path(n))) == key) - known
+    key = _seed_key(node)
+    return frozenset(n.name for n in graph.nodes if _seed_key(n) == key) - known
+
+
+def _seed_key(node: torch.fx.Node) -> tuple[str, str]:
+    """What makes nodes twins across layers (and across the graphs of one model): op and module path up to
+    layer indices."""
+    return str(node.target), _layer_pattern(module_path(node))
 
 
 def opaque_modules(param_names: dict[str, str]) -> frozenset[str]:
@@ -128,13 +141,26 @@ def _config_dict(model: nn.Module) -> dict | None:
     return config.to_dict() if hasattr(config, "to_dict") else None
 
 
-def _probe(model: nn.Module, gm: torch.fx.GraphModule, takes_mask: bool, captured_graph: torch.fx.Graph) -> None:
-    """Run the rewritten graph once on the capture's example batch: a rule that built a companion of the
-    wrong shape fails here, at insert() time, not in the user's forward; and the logits must be equal.
-    When they are not, the graph as captured (before any pass) is run too, to say whose fault it is."""
+def _probe(model: nn.Module, gm: torch.fx.GraphModule, takes_mask: bool, captured_graph: torch.fx.Graph,
+           strategy: str = "dynamic") -> None:
+    """Run the rewritten graph on the capture's example batch, the same batch unpadded, and (for a graph of
+    any shape) one row of five tokens: a rule that built a companion of the wrong shape fails here, at insert()
+    time, not in the user's forward; and the logits must be equal. transformers' models take other kernels
+    for an all-ones mask or one row than for the padded probe, so a graph that matches the model on one batch
+    only is caught here too. When logits differ, the graph as captured (before any pass) is run too, to say
+    whose fault it is."""
     if next(iter(model.parameters()), torch.empty(0)).is_meta:
         return  # a skeleton (load_merged): nothing to compare, and data-dependent ops (MoE routing) cannot run
-    kwargs = example_inputs(model, takes_mask)
+    padded = example_inputs(model, takes_mask)
+    batches = [padded, {k: torch.ones_like(v) if k == "attention_mask" else v for k, v in padded.items()}]
+    if strategy == "dynamic":
+        batches.append({k: v[1:, 2:] for k, v in batches[1].items()})
+    for kwargs in batches:
+        _probe_one(model, gm, kwargs, captured_graph)
+
+
+def _probe_one(model: nn.Module, gm: torch.fx.GraphModule, kwargs: dict, captured_graph: torch.fx.Graph) -> None:
+    shape = tuple(kwargs["input_ids"].shape)
     try:
         with torch.no_grad():
             logits = gm(*kwargs.values())[0]
@@ -148,7 +174,8 @@ def _probe(model: nn.Module, gm: torch.fx.GraphModule, takes_mask: bool, capture
         if not bits_equal(before, reference):
             diff = (before.double() - reference.double()).abs().max().item()
             raise CaptureError(f"torch.export's graph of {type(model).__name__} does not reproduce the model's own "
-                               f"logits bit for bit before any insertion (max |diff| {diff:.3g} on a probe batch): "
+                               f"logits bit for bit before any insertion (max |diff| {diff:.3g} on a probe batch "
+                               f"of shape {shape}, {'padded' if not bool(kwargs.get('attention_mask', torch.ones(1)).all()) else 'unpadded'}): "
                                "its eager forward takes another path than the exported one, so no inserted model "
                                "can be bit-identical to it")
         raise OtterError("internal error: the rewritten graph's logits differ from the model's on a probe batch")

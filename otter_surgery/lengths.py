@@ -50,7 +50,9 @@ class ShapeDispatch:
         if strategy == "per-length":  # a batch of >= 2 rows keeps the batch axis symbolic (export's 0/1 rule)
             shape = (max(2, shape[0]), shape[1])
         gm = capture(self.model, strategy, shape).graph_module
-        ctx = rewrite(gm, self.omodel.spec, opaque_within=opaque_modules(self.omodel.param_names))
+        ctx = rewrite(gm, self.omodel.spec, opaque_within=opaque_modules(self.omodel.param_names),
+                      opaque_keys=self.omodel.graph_module.meta.get("otter_opaque_keys", ()),
+                      kernel_modules=self.omodel.graph_module.meta.get("otter_kernel_modules", frozenset()))
         try:
             _share_inserted(self.omodel, gm, dict(ctx.param_names))
         except CaptureError as exc:

@@ -118,7 +118,8 @@ class _StepGraph:
 
         captured = capture_step(omodel.base_model, kind=kind, masked=masked)
         self.gm = captured.graph_module
-        ctx = rewrite(self.gm, omodel.spec, freeze=False, opaque_within=opaque_modules(omodel.param_names))
+        ctx = rewrite(self.gm, omodel.spec, freeze=False, opaque_within=opaque_modules(omodel.param_names),
+                      opaque_keys=omodel.graph_module.meta.get("otter_opaque_keys", ()))
         _share_inserted(omodel, self.gm, ctx.param_names)
         self.readouts = _projections_out(self.gm, ctx)
         self.merged = merge_side_gemms(self.gm, store)
