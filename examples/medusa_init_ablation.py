@@ -51,7 +51,8 @@ def plot(results: dict, path: str) -> bool:
         ax2.text(k, max(full[k], short[k]), f"{results[i]['decoding']['mean_accepted_length']:.2f} tok/verify",
                  ha="center", va="bottom", fontsize=8)
     ax2.set_xticks(list(x), inits)
-    ax2.legend(fontsize=7)
+    ax2.legend(fontsize=7, loc="lower center")
+    ax2.set_ylim(0, 1.2 * max(full + short + [1.0]))
     ax1.set(xlabel="step", ylabel="held-out top-1 of head 1", title="Medusa head 1 (token t+2)")
     ax2.set(ylabel="speculative / greedy speed (batch 1)", title="resulting speed-up")
     ax2.axhline(1.0, color="grey", lw=0.8)
