@@ -89,7 +89,7 @@ def find_regions(dataflow: nx.DiGraph, graph: fx.Graph, token_embedding: fx.Node
     for seed in seeds:
         if seed in claimed:
             continue
-        after = nx.descendants(dataflow, seed)
+        after = nx.descendants(dataflow, seed) | {seed}  # the seed is inside its block, never its input
         y = _block_output(seed, after, residual, order)
         if y is None:
             continue  # never reaches the residual stream: not inside a block
