@@ -257,6 +257,8 @@ def main() -> None:
     parser.add_argument("--skip-rescoring", action="store_true", help="leave out (a), the slowest baseline")
     parser.add_argument("--compiled", action="store_true",
                         help="also time otter.compile'd decoding against the base's compiled decode steps")
+    parser.add_argument("--methods", nargs="+", default=None,
+                        help="time only the methods whose names contain one of these (the greedy rows always run)")
     parser.add_argument("--out", default="decoding.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -303,6 +305,9 @@ def main() -> None:
         rm_steps = CompiledSteps(rm_lm)
         methods["(c) GenARM separate, compiled"] = (lambda i, m: compiled_genarm(steps, rm_steps, i, m, args.new, alpha),
                                                     params["rm_lm"])
+    if args.methods:
+        methods = {k: v for k, v in methods.items()
+                   if k.startswith("(e)") or any(m in k for m in args.methods)}
     results = []
     for batch in args.batches:
         ids, mask = prompts(tok, batch)
