@@ -44,11 +44,11 @@ def test_gqa_extra_heads_must_keep_the_grouping(tiny_llama):
 
 
 class CumsumDecoder(SdpaDecoder):
-    """A decoder with an op on the residual stream that has no widening rule (cumsum over features)."""
+    """A decoder whose residual stream itself goes through an op with no widening rule (cumsum over features).
+    Inside a block (`x + cumsum(x)`) the block would become an opaque region; on the stream it is refused."""
 
     def forward(self, tokens):
-        x = self.tok(tokens)
-        x = x + torch.cumsum(x, dim=-1)
+        x = torch.cumsum(self.tok(tokens), dim=-1)
         for layer in self.layers:
             x = layer(x)
         return self.out(self.norm(x))

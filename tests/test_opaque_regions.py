@@ -175,3 +175,26 @@ def test_opaque_regions_save_load_and_decode(tmp_path):
         for _ in range(4):
             seq = torch.cat([seq, model(seq)[:, -1].argmax(-1, keepdim=True)], 1)
     assert torch.equal(out.sequences, seq)
+
+
+def test_a_one_op_block_is_an_opaque_region_but_the_same_op_on_the_stream_is_refused():
+    """`x + cumsum(x)` is a block of one op (the seed is inside its block, never its input); `cumsum(x)`
+    replacing the stream has no block around it."""
+    class Block(nn.Module):
+        def __init__(self, on_stream):
+            super().__init__()
+            self.emb, self.norm, self.out = nn.Embedding(30, 8), RMSNorm(8), nn.Linear(8, 30, bias=False)
+            self.on_stream = on_stream
+
+        def forward(self, idx):
+            x = self.emb(idx)
+            x = torch.cumsum(x, dim=-1) if self.on_stream else x + torch.cumsum(x, dim=-1)
+            return self.out(self.norm(x))
+
+    torch.manual_seed(0)
+    model = Block(False).eval()
+    omodel = otter.insert(model, otter.InsertSpec(extra_dim=4, extra_heads=0, extra_ffn=8))
+    assert any(".side_ffn." in k or k.startswith("side_ffn.") for k in omodel.inserted_parameters())
+    assert otter.verify(model, omodel, max_examples=50, max_seq=16).examples == 50
+    with pytest.raises(UnsupportedGraphError, match="cumsum"):
+        otter.insert(Block(True).eval(), otter.InsertSpec(extra_dim=4, extra_heads=0, extra_ffn=8))
