@@ -125,7 +125,7 @@ class _ZeroOperand(Exception):
 def _parameter_derived(ctx: Context, a: fx.Node) -> bool:
     """A parameter, or elementwise ops over parameters and constants only (Gemma's `1 + weight`; RWKV's
     `pp + w` over a state started as full(-1e38))."""
-    if get_attr_tensor(ctx.gm, a) is not None or _constant_fill(a, ndim(a) - 1):
+    if get_attr_tensor(ctx.gm, a) is not None or _constant_fill(a):
         return True
     if a.op != "call_function" or op_name(a) not in ELEMENTWISE_OPS:
         return False
@@ -152,14 +152,14 @@ def _widen_parameter(ctx: Context, a: fx.Node, axis: int, size: int, unit: int) 
     return ctx.emit(a.target, tuple(widen(x) for x in a.args), {k: widen(v) for k, v in a.kwargs.items()})
 
 
-_FILLS = {"full": 1, "zeros": None, "ones": None}  # factory -> position of its fill value (None: implied)
+_FILLS = frozenset({"full", "zeros", "ones"})
 
 
-def _constant_fill(a: fx.Node, axis: int) -> bool:
+def _constant_fill(a: fx.Node, axis: int | None = None) -> bool:
     """A tensor made from sizes and a constant (torch.zeros/ones/full: a recurrence's initial state) whose
-    size list names the axis."""
+    size list names every axis (and so `axis`)."""
     return (a.op == "call_function" and op_name(a) in _FILLS and isinstance(a.args[0], (list, tuple))
-            and len(a.args[0]) == ndim(a) and 0 <= axis < ndim(a))
+            and len(a.args[0]) == ndim(a) and (axis is None or 0 <= axis < ndim(a)))
 
 
 def _widened_fill(ctx: Context, a: fx.Node, axis: int, size: int) -> fx.Node:
