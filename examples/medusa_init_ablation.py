@@ -26,17 +26,13 @@ sys.path.insert(0, os.path.dirname(__file__))
 import otter_surgery as otter  # noqa: E402
 from otter_surgery.real_model import load_smollm2  # noqa: E402
 from sentiment_data import read_sentences  # noqa: E402
+from plotting import pyplot  # noqa: E402
 from train_medusa import distill, frequent_tokens, openings, time_decoding  # noqa: E402
 
 
 def plot(results: dict, path: str) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed (pip install 'otter-surgery[plot]'): no PNG drawn")
+    plt = pyplot()
+    if plt is None:
         return False
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     for init, r in results.items():
