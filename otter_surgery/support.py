@@ -4,6 +4,7 @@ and single rows of 1 and 6 tokens / decodes: otter.generate
 gives transformers' own greedy tokens, padded and unpadded batches, fp32)."""
 from __future__ import annotations
 
+import copy
 import json
 import subprocess
 import sys
@@ -15,21 +16,71 @@ TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=40, num_hidden_laye
             eos_token_id=2)
 
 
-def tiny_config(arch: str, **overrides):
-    """A tiny config of family `arch`; standard names go through each config's attribute_map. Keys a
-    family refuses (e.g. a read-only head_dim) are dropped one at a time."""
-    from transformers import AutoConfig
+# Family-specific sizes a default config sets large (latent attention ranks, rotary sub-dims, expert counts,
+# encoder-decoder and vision names): shrunk wherever a family's default config has them and sets them larger.
+SHRINK = dict(qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, q_lora_rank=16, kv_lora_rank=16, rotary_dim=4,
+              n_routed_experts=4, num_experts=4, num_local_experts=4, num_experts_per_tok=2, n_group=2, topk_group=1,
+              moe_intermediate_size=16, shared_expert_intermediate_size=16, decoder_attention_heads=4,
+              encoder_attention_heads=4, decoder_ffn_dim=40, encoder_ffn_dim=40, decoder_layers=2, encoder_layers=2,
+              image_size=32, patch_size=8, vision_output_dim=32, projection_dim=32, num_global_layers=1)
+# generation-config fields that make transformers' greedy something other than the model's argmax
+PROCESSOR_FIELDS = ("forced_eos_token_id", "forced_bos_token_id", "min_length", "min_new_tokens", "repetition_penalty",
+                    "no_repeat_ngram_size", "encoder_no_repeat_ngram_size", "bad_words_ids", "suppress_tokens",
+                    "begin_suppress_tokens", "sequence_bias")
+UNSET_OK = {"num_experts_per_tok"}  # a default of None that the model still indexes with
 
-    kwargs = {**TINY, **overrides}
+
+def _shrunk(default) -> dict:
+    out = {}
+    for key, want in SHRINK.items():
+        have = getattr(default, key, None) if key in vars(default) else None
+        if (isinstance(have, int) and not isinstance(have, bool) and have > want) or (
+                have is None and key in UNSET_OK and hasattr(default, key)):
+            out[key] = want
+    return out
+
+
+def _per_layer_lists(default) -> set[str]:
+    """Keys holding one entry per layer (layer_types, ...): left to the config to rebuild for the tiny depth."""
+    layers = getattr(default, "num_hidden_layers", None)
+    return {k for k, v in vars(default).items() if isinstance(v, list) and layers and len(v) == layers}
+
+
+def tiny_config(arch: str, **overrides):
+    """A tiny config of family `arch`: TINY's standard names (through each config's attribute_map), family sizes
+    shrunk (SHRINK), and the same for nested configs (text/vision). Keys a family refuses (a read-only head_dim,
+    a latent-attention family's kv heads) are dropped one at a time until the config builds and a tiny model
+    built from it runs a forward."""
+    from transformers import AutoConfig, PretrainedConfig
+
+    default = AutoConfig.for_model(arch)
+    kwargs = {**TINY, **_shrunk(default), **overrides}
+    for name, sub in vars(default).items():
+        if isinstance(sub, PretrainedConfig):
+            keep = {k: v for k, v in sub.to_dict().items() if k not in _per_layer_lists(sub)}
+            kwargs[name] = {**keep, **{k: v for k, v in TINY.items() if hasattr(sub, k)}, **_shrunk(sub)}
     last = None
     for drop in (None, "head_dim", "num_key_value_heads", "intermediate_size"):
-        if drop:
-            kwargs.pop(drop, None)
+        if drop and drop not in overrides:
+            for d in [kwargs] + [v for v in kwargs.values() if isinstance(v, dict)]:
+                d.pop(drop, None)
         try:
-            return AutoConfig.for_model(arch, **kwargs)
-        except Exception as exc:  # config validators raise many types
+            config = AutoConfig.for_model(arch, **kwargs)
+            _runs(config)
+            return config
+        except Exception as exc:  # config validators and model code raise many types
             last = exc
     raise last
+
+
+def _runs(config) -> None:
+    import torch
+
+    from otter_surgery.testing import build_model
+
+    ids = torch.full((1, 4), 3)
+    with torch.no_grad():
+        build_model(config)(input_ids=ids, attention_mask=torch.ones_like(ids))
 
 
 @dataclass
@@ -93,11 +144,19 @@ def check_family(arch: str) -> SupportRow:
 
 
 def check_decoding(model, omodel, ids, mask) -> tuple[bool, str]:
-    """otter.generate == model.generate(do_sample=False) on a padded and an unpadded batch, 5 new tokens."""
+    """otter.generate == model.generate(do_sample=False) on a padded and an unpadded batch, 5 new tokens. The
+    comparison is plain greedy: processors a family's generation config switches on (blenderbot's forced EOS at
+    max_length, repetition penalties) are off for transformers' side, as otter.generate does not apply them."""
     import torch
 
     import otter_surgery as otter
 
+    # transformers merges the model's own generation config into any passed one, so the processors are
+    # switched off there (on a copy, put back afterwards: the family's model is ours, built for this check)
+    saved = model.generation_config
+    model.generation_config = copy.deepcopy(saved)
+    for name in PROCESSOR_FIELDS:
+        setattr(model.generation_config, name, None)
     try:
         for m in (mask, torch.ones_like(mask)):
             got = otter.generate(omodel, ids, attention_mask=m, max_new_tokens=5).sequences
@@ -111,6 +170,8 @@ def check_decoding(model, omodel, ids, mask) -> tuple[bool, str]:
                 return False, f"greedy tokens differ from transformers' generate ({'padded' if not bool(m.all()) else 'unpadded'})"
     except Exception as exc:
         return False, _describe(exc)
+    finally:
+        model.generation_config = saved
     return True, ""
 
 
