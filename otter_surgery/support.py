@@ -22,7 +22,12 @@ SHRINK = dict(qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, q_lora_rank=
               n_routed_experts=4, num_experts=4, num_local_experts=4, num_experts_per_tok=2, n_group=2, topk_group=1,
               moe_intermediate_size=16, shared_expert_intermediate_size=16, decoder_attention_heads=4,
               encoder_attention_heads=4, decoder_ffn_dim=40, encoder_ffn_dim=40, decoder_layers=2, encoder_layers=2,
-              image_size=32, patch_size=8, vision_output_dim=32, projection_dim=32, num_global_layers=1)
+              image_size=32, patch_size=8, vision_output_dim=32, projection_dim=32, num_global_layers=1,
+              mamba_n_heads=8, mamba_d_head=8, n_mamba_heads=2, mamba_headdim=32, mamba_d_state=16, mamba_dt_rank=8,
+              mamba_chunk_size=16, num_heads=8, attention_hidden_size=64, attention_head_dim=16,
+              expert_ffn_hidden_size=16, zero_expert_num=2, ffn_hidden_size=40, index_head_dim=8, index_n_heads=2,
+              shared_experts_intermediate_size=16, hidden_size_per_layer_input=8, vocab_size_per_layer_input=64,
+              num_kv_shared_layers=0)
 # generation-config fields that make transformers' greedy something other than the model's argmax
 PROCESSOR_FIELDS = ("forced_eos_token_id", "forced_bos_token_id", "min_length", "min_new_tokens", "repetition_penalty",
                     "no_repeat_ngram_size", "encoder_no_repeat_ngram_size", "bad_words_ids", "suppress_tokens",
@@ -59,18 +64,23 @@ def tiny_config(arch: str, **overrides):
         if isinstance(sub, PretrainedConfig):
             keep = {k: v for k, v in sub.to_dict().items() if k not in _per_layer_lists(sub)}
             kwargs[name] = {**keep, **{k: v for k, v in TINY.items() if hasattr(sub, k)}, **_shrunk(sub)}
-    last = None
-    for drop in (None, "head_dim", "num_key_value_heads", "intermediate_size"):
-        if drop and drop not in overrides:
-            for d in [kwargs] + [v for v in kwargs.values() if isinstance(v, dict)]:
-                d.pop(drop, None)
-        try:
-            config = AutoConfig.for_model(arch, **kwargs)
-            _runs(config)
-            return config
-        except Exception as exc:  # config validators and model code raise many types
-            last = exc
-    raise last
+    first = None
+    # a hybrid family whose attention layers come every few layers has none in two: then try deeper
+    for layers in (None,) if "num_hidden_layers" in overrides else (None, 4, 8):
+        tried = copy.deepcopy(kwargs)
+        for d in ([tried] + [v for v in tried.values() if isinstance(v, dict)]) if layers else ():
+            d["num_hidden_layers"] = layers
+        for drop in (None, "head_dim", "num_key_value_heads", "intermediate_size"):
+            if drop and drop not in overrides:
+                for d in [tried] + [v for v in tried.values() if isinstance(v, dict)]:
+                    d.pop(drop, None)
+            try:
+                config = AutoConfig.for_model(arch, **tried)
+                _runs(config)
+                return config
+            except Exception as exc:  # config validators and model code raise many types
+                first = first or exc
+    raise first
 
 
 def _runs(config) -> None:
