@@ -18,21 +18,27 @@ TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=40, num_hidden_laye
 
 # Family-specific sizes a default config sets large (latent attention ranks, rotary sub-dims, expert counts,
 # encoder-decoder and vision names): shrunk wherever a family's default config has them and sets them larger.
-SHRINK = dict(qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, q_lora_rank=16, kv_lora_rank=16, rotary_dim=4,
-              n_routed_experts=4, num_experts=4, num_local_experts=4, num_experts_per_tok=2, n_group=2, topk_group=1,
-              moe_intermediate_size=16, shared_expert_intermediate_size=16, decoder_attention_heads=4,
-              encoder_attention_heads=4, decoder_ffn_dim=40, encoder_ffn_dim=40, decoder_layers=2, encoder_layers=2,
-              image_size=32, patch_size=8, vision_output_dim=32, projection_dim=32, num_global_layers=1,
-              mamba_n_heads=8, mamba_d_head=8, n_mamba_heads=2, mamba_headdim=32, mamba_d_state=16, mamba_dt_rank=8,
-              mamba_chunk_size=16, num_heads=8, attention_hidden_size=64, attention_head_dim=16,
-              expert_ffn_hidden_size=16, zero_expert_num=2, ffn_hidden_size=40, index_head_dim=8, index_n_heads=2,
-              shared_experts_intermediate_size=16, hidden_size_per_layer_input=8, vocab_size_per_layer_input=64,
-              num_kv_shared_layers=0)
+SHRINK = dict(
+    # latent attention (MLA) and rotary sub-dims
+    qk_rope_head_dim=8, qk_nope_head_dim=8, qk_head_dim=16, v_head_dim=8, q_lora_rank=16, kv_lora_rank=16,
+    rotary_dim=4, index_head_dim=8, index_n_heads=2,
+    # experts
+    n_routed_experts=4, n_shared_experts=1, num_experts=4, num_local_experts=4, num_experts_per_tok=2, n_group=2,
+    topk_group=1, moe_intermediate_size=16, shared_expert_intermediate_size=16, shared_experts_intermediate_size=16,
+    expert_ffn_hidden_size=16, zero_expert_num=2, ffn_hidden_size=40,
+    # encoder-decoder and vision names
+    decoder_attention_heads=4, encoder_attention_heads=4, decoder_ffn_dim=40, encoder_ffn_dim=40, decoder_layers=2,
+    encoder_layers=2, image_size=32, patch_size=8, vision_output_dim=32, projection_dim=32, num_global_layers=1,
+    # state-space and hybrid layers
+    mamba_n_heads=8, mamba_d_head=8, n_mamba_heads=2, mamba_headdim=32, mamba_d_state=16, mamba_dt_rank=8,
+    mamba_chunk_size=16, num_heads=8, attention_hidden_size=64, attention_head_dim=16,
+    hidden_size_per_layer_input=8, vocab_size_per_layer_input=64, num_kv_shared_layers=0)
 # generation-config fields that make transformers' greedy something other than the model's argmax
 PROCESSOR_FIELDS = ("forced_eos_token_id", "forced_bos_token_id", "min_length", "min_new_tokens", "repetition_penalty",
                     "no_repeat_ngram_size", "encoder_no_repeat_ngram_size", "bad_words_ids", "suppress_tokens",
                     "begin_suppress_tokens", "sequence_bias")
-UNSET_OK = {"num_experts_per_tok"}  # a default of None that the model still indexes with
+# defaults of None that the model still computes with
+UNSET_OK = {"num_experts_per_tok", "n_routed_experts", "n_shared_experts"}
 
 
 def _shrunk(default) -> dict:
@@ -70,10 +76,14 @@ def tiny_config(arch: str, **overrides):
         tried = copy.deepcopy(kwargs)
         for d in ([tried] + [v for v in tried.values() if isinstance(v, dict)]) if layers else ():
             d["num_hidden_layers"] = layers
-        for drop in (None, "head_dim", "num_key_value_heads", "intermediate_size"):
-            if drop and drop not in overrides:
+        # (latent attention wants as many kv heads as query heads; some families refuse the key outright)
+        for drop in (None, "head_dim", "kv=heads", "num_key_value_heads", "intermediate_size"):
+            if drop and drop.split("=")[0] not in overrides:
                 for d in [tried] + [v for v in tried.values() if isinstance(v, dict)]:
-                    d.pop(drop, None)
+                    if drop == "kv=heads":
+                        d["num_key_value_heads"] = d.get("num_attention_heads", TINY["num_attention_heads"])
+                    else:
+                        d.pop(drop, None)
             try:
                 config = AutoConfig.for_model(arch, **tried)
                 _runs(config)
