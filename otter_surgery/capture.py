@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import operator
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -174,7 +175,8 @@ def _export(model: nn.Module, takes_mask: bool, strategy: str, shape: tuple[int,
     wrapper = LogitsOnly(model, takes_mask)
     try:
         with eval_mode(model), torch.no_grad():
-            ep = torch.export.export(wrapper, (), kwargs=kwargs, dynamic_shapes=dyn, strict=False)
+            ep = _on_eager_branches(model, lambda: torch.export.export(wrapper, (), kwargs=kwargs, dynamic_shapes=dyn,
+                                                                       strict=False))
     except Exception as exc:  # torch.export raises many types; name the cause and keep the chain
         if "specialized it to be a constant" in str(exc) and strategy != CAPTURE_STRATEGIES[-1]:
             line = next(x for x in str(exc).splitlines() if "specialized it to be a constant" in x)
@@ -324,6 +326,48 @@ def _eager_kernel_choices():
             setattr(mod, name, original)
 
 
+# transformers' predicates that modeling code asks to pick an export-friendly algorithm (True under export)
+EXPORT_PREDICATES = ("is_torchdynamo_exporting", "is_torchdynamo_compiling")
+
+
+@contextlib.contextmanager
+def _model_eager_branches(model: nn.Module):
+    """While exporting, make the model's own modeling code take the branch eager takes. Some modeling code asks
+    `is_torchdynamo_exporting()` / `is_torchdynamo_compiling()` to pick another algorithm for export: the
+    gated-delta-net rule (Qwen3-Next, Qwen3.5, OLMo-hybrid) inverts its triangular system by an unrolled
+    substitution and a matmul under export but calls `linalg.solve_triangular` in eager: the same maths,
+    other rounding, so the captured graph would not give the model's logits bit for bit. Only the modules that
+    define the model's classes, and only where they imported transformers' predicate by name, see False;
+    library code (masking, hub kernels, torch) keeps the real flags. Yields what was patched."""
+    try:
+        from transformers.utils import import_utils
+    except ImportError:  # pragma: no cover - a plain PyTorch decoder
+        yield []
+        return
+    originals = {name: getattr(import_utils, name) for name in EXPORT_PREDICATES if hasattr(import_utils, name)}
+    modules = {sys.modules.get(type(m).__module__) for m in model.modules()} - {None}
+    saved = [(mod, name, fn) for mod in modules for name, fn in originals.items() if getattr(mod, name, None) is fn]
+    for mod, name, _ in saved:
+        setattr(mod, name, lambda: False)
+    try:
+        yield [f"{mod.__name__}.{name}" for mod, name, _ in saved]
+    finally:
+        for mod, name, fn in saved:
+            setattr(mod, name, fn)
+
+
+def _on_eager_branches(model: nn.Module, export):
+    """`export()` with the model's code on its eager branches; where that branch cannot be traced (it reads
+    data), export's own branch instead — the logits probe in insert() then decides whether it is faithful."""
+    try:
+        with _model_eager_branches(model) as patched:
+            return export()
+    except Exception:
+        if not patched:
+            raise
+    return export()
+
+
 def step_signature(model: nn.Module) -> tuple[bool, bool]:
     """(takes position_ids, takes logits_to_keep): what generate() would pass this model."""
     params = inspect.signature(model.forward).parameters
@@ -379,7 +423,8 @@ def capture_step(model: nn.Module, kind: str = "one", masked: bool = True) -> Ca
         dyn = (tokens, {0: batch, 1: seen}, tokens, cache_dims)
         try:
             with _eager_kernel_choices():
-                ep = torch.export.export(wrapper, (new_ids, new_mask, positions, past), dynamic_shapes=dyn, strict=False)
+                ep = _on_eager_branches(model, lambda: torch.export.export(
+                    wrapper, (new_ids, new_mask, positions, past), dynamic_shapes=dyn, strict=False))
         except Exception as exc:
             raise CaptureError(f"torch.export could not capture a cached step of {type(model).__name__}: {exc}") from exc
     gm = _to_graph_module(ep)
@@ -399,8 +444,8 @@ def _capture_recompute(model: nn.Module, takes_positions: bool, keep_last: bool,
     with eval_mode(model), torch.no_grad():
         try:
             with _eager_kernel_choices():
-                ep = torch.export.export(wrapper, (ids, mask, positions, []), dynamic_shapes=(dims, dims, dims, []),
-                                         strict=False)
+                ep = _on_eager_branches(model, lambda: torch.export.export(
+                    wrapper, (ids, mask, positions, []), dynamic_shapes=(dims, dims, dims, []), strict=False))
         except Exception as exc:
             raise CaptureError(f"torch.export could not capture a decode step of {type(model).__name__}: {exc}") from exc
     return CapturedStep(_to_graph_module(ep), [], next(model.parameters()).dtype, wrapper)

@@ -39,7 +39,8 @@ def support(args: argparse.Namespace) -> int:
     s = summary(rows)
     print(f"\n{s['bit_identical_fp32']} of {s['families']} causal-LM families bit-identical in fp32, "
           f"{s['bit_identical_bf16']} in bf16 ({s['captured']} captured, {s['inserted']} inserted); "
-          f"{s['decodes']} decode with transformers' own greedy tokens")
+          f"{s['decodes']} decode with transformers' own greedy tokens; mixture-of-experts (routed blocks in the "
+          f"graph): {s['moe_bit_identical']} of {s['moe']} bit-identical")
     if args.json:
         with open(args.json, "w") as f:
             f.write(rows_to_json(rows))

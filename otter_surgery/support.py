@@ -114,6 +114,7 @@ class SupportRow:
     note: str = ""
     decode_note: str = ""
     strategy: str = ""  # how the sequence length was captured (capture.CAPTURE_STRATEGIES)
+    moe: bool = False  # the captured graph selects experts (a value-dependent choice of indices: moe._selects)
 
 
 def check_family(arch: str) -> SupportRow:
@@ -122,6 +123,7 @@ def check_family(arch: str) -> SupportRow:
     import otter_surgery as otter
     from otter_surgery.analyze import Analysis
     from otter_surgery.capture import vocab_size, capture
+    from otter_surgery.moe import _selects
     from otter_surgery.testing import build_model
     from otter_surgery.verify import bits_equal, reference_logits
 
@@ -138,6 +140,8 @@ def check_family(arch: str) -> SupportRow:
             if dtype == torch.float32:
                 graph = capture(model).graph_module
                 row.captured = True
+                # routed experts: a value-dependent choice of indices in the graph (what moe.find_regions seeds on)
+                row.moe = any(_selects(n) for n in graph.graph.nodes)
                 step = Analysis(graph).heads_step()  # read off the graph, not the config
             omodel = otter.insert(model, otter.InsertSpec(extra_dim=4, extra_heads=step, extra_ffn=8))
             row.inserted = True
@@ -231,12 +235,12 @@ def support_table(archs: list[str] | None = None, jobs: int = 2, timeout: float 
 
 def markdown(rows: list[SupportRow]) -> str:
     yes = {True: "yes", False: "no"}
-    lines = ["| family | captured | inserted | bit-identical fp32 | bit-identical bf16 | decodes (= generate) | note |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| family | captured | MoE | inserted | bit-identical fp32 | bit-identical bf16 | decodes (= generate) | note |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         note = (r.note or r.decode_note).replace("|", "/").replace("\n", " ")
         note += f" (captured {r.strategy})" if r.strategy not in ("", "dynamic") else ""
-        lines.append(f"| {r.arch} | {yes[r.captured]} | {yes[r.inserted]} | {yes[r.fp32]} | {yes[r.bf16]} | "
+        lines.append(f"| {r.arch} | {yes[r.captured]} | {yes[r.moe] if r.captured else '?'} | {yes[r.inserted]} | {yes[r.fp32]} | {yes[r.bf16]} | "
                      f"{yes[r.decodes]} | {note} |")
     return "\n".join(lines)
 
@@ -244,7 +248,8 @@ def markdown(rows: list[SupportRow]) -> str:
 def summary(rows: list[SupportRow]) -> dict:
     return {"families": len(rows), "captured": sum(r.captured for r in rows), "inserted": sum(r.inserted for r in rows),
             "bit_identical_fp32": sum(r.fp32 for r in rows), "bit_identical_bf16": sum(r.bf16 for r in rows),
-            "decodes": sum(r.decodes for r in rows)}
+            "decodes": sum(r.decodes for r in rows), "moe": sum(r.moe for r in rows),
+            "moe_bit_identical": sum(r.moe and r.fp32 and r.bf16 for r in rows)}
 
 
 def rows_to_json(rows: list[SupportRow]) -> str:
