@@ -25,7 +25,8 @@ SHRINK = dict(
     # experts
     n_routed_experts=4, n_shared_experts=1, num_experts=4, num_local_experts=4, num_experts_per_tok=2, n_group=2,
     topk_group=1, moe_intermediate_size=16, shared_expert_intermediate_size=16, shared_experts_intermediate_size=16,
-    expert_ffn_hidden_size=16, zero_expert_num=2, ffn_hidden_size=40,
+    expert_ffn_hidden_size=16, zero_expert_num=2, ffn_hidden_size=40, first_k_dense_replace=1, num_dense_layers=1,
+    first_k_dense=1,
     # encoder-decoder and vision names
     decoder_attention_heads=4, encoder_attention_heads=4, decoder_ffn_dim=40, encoder_ffn_dim=40, decoder_layers=2,
     encoder_layers=2, image_size=32, patch_size=8, vision_output_dim=32, projection_dim=32, num_global_layers=1,
