@@ -18,14 +18,15 @@ from .test_any_decoder import check_matters
 # Routers: softmax top-k (mixtral, olmoe), top-k + a sigmoid-gated shared expert (qwen2_moe), top-k in a
 # router module + type_as (granitemoe), sigmoid scores with a bias correction (minimax_m2), sparsemixer's
 # max/argmax routing (phimoe).
-# mixtral (stacked experts) and qwen2_moe (shared expert) in the default suite; the others, built the same way
+# mixtral (stacked experts), qwen2_moe (shared expert) and deepseek_v3 in the default suite; the others, built the same way
 # or with another router, in -m slow.
-FAMILIES = ("mixtral", "qwen2_moe", *(pytest.param(f, marks=pytest.mark.slow)
-                                      for f in ("olmoe", "granitemoe", "phimoe", "minimax_m2")))
+# deepseek_v3: latent attention (MLA), group-limited sigmoid routing with a correction bias, a shared expert.
+FAMILIES = ("mixtral", "qwen2_moe", "deepseek_v3", *(pytest.param(f, marks=pytest.mark.slow)
+                                                     for f in ("olmoe", "granitemoe", "phimoe", "minimax_m2")))
 # Fewer, smaller experts than the families' defaults (qwen2_moe: 60 experts of 1408 units): keys a config lacks
 # are left out.
 SMALL = dict(num_experts=4, num_local_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
-             shared_expert_intermediate_size=24)
+             shared_expert_intermediate_size=24, first_k_dense_replace=0)  # (the one layer routed)
 
 _MODELS = {}
 
