@@ -18,9 +18,9 @@ from .test_any_decoder import check_matters
 # Routers: softmax top-k (mixtral, olmoe), top-k + a sigmoid-gated shared expert (qwen2_moe), top-k in a
 # router module + type_as (granitemoe), sigmoid scores with a bias correction (minimax_m2), sparsemixer's
 # max/argmax routing (phimoe).
-# mixtral (stacked experts), qwen2_moe (shared expert) and deepseek_v3 in the default suite; the others, built the same way
-# or with another router, in -m slow.
 # deepseek_v3: latent attention (MLA), group-limited sigmoid routing with a correction bias, a shared expert.
+# mixtral (stacked experts), qwen2_moe (shared expert) and deepseek_v3 in the default suite; the others, built
+# the same way or with another router, in -m slow.
 FAMILIES = ("mixtral", "qwen2_moe", "deepseek_v3", *(pytest.param(f, marks=pytest.mark.slow)
                                                      for f in ("olmoe", "granitemoe", "phimoe", "minimax_m2")))
 # Fewer, smaller experts than the families' defaults (qwen2_moe: 60 experts of 1408 units): keys a config lacks
