@@ -99,7 +99,8 @@ def rewrite(gm: torch.fx.GraphModule, spec: InsertSpec, freeze: bool = True,
             opaque |= more
             keys |= {_seed_key(n) for n in pristine.nodes if n.name in more}
             gm.graph = copy.deepcopy(pristine)
-            del gm.otter
+            if hasattr(gm, "otter"):  # (an analysis refusal comes before any inserted parameter)
+                del gm.otter
     gm.meta["otter_opaque_keys"] = tuple(sorted(keys))
     gm.graph.eliminate_dead_code()
     _drop_unused_inserted(gm, ctx.param_names)

@@ -684,7 +684,10 @@ def _heads_from_features(ctx: Context, t: fx.Node, c: Comp | None, cq: Comp, hea
 
 @rule("matmul", "bmm", "baddbmm", merged=True)
 def batched_matmul(ctx: Context, node: fx.Node) -> Comp | None:
-    """Explicit attention (q @ k^T, p @ v): inserted heads ride on a batch axis of both operands."""
+    """Explicit attention (q @ k^T, p @ v): inserted heads ride on a batch axis of both operands. A matmul with
+    a parameter operand (`x @ emb.t()`) is a linear map: the linear rule's."""
+    if op_name(node) == "matmul" and linear_info(ctx.gm, node) is not None:
+        return linear(ctx, node)
     bias = node.args[0] if op_name(node) == "baddbmm" else None  # baddbmm(bias, a, b): ALiBi + q @ k^T
     a, b = node.args[1:3] if bias is not None else node.args[:2]
     ca, cb = ctx.comps.get(a), ctx.comps.get(b)
@@ -729,7 +732,8 @@ def linear(ctx: Context, node: fx.Node) -> Comp | None:
     w_e, b_e, out = made
     x_cat = ctx.widened(info.x, c.node)
     y = ctx.emit(*linear_call(info, x_cat, w_e, b_e, node.kwargs))
-    ctx.record_block(node, y, x_cat)  # deploy.fuse() can turn the pair into one [[W, 0], [A, B]] GEMM
+    if info.direct:  # deploy.fuse() can turn the pair into one [[W, 0], [A, B]] GEMM
+        ctx.record_block(node, y, x_cat)
     return replace(out, node=y)
 
 

@@ -106,41 +106,103 @@ class Comp:
 
 @dataclass
 class LinearInfo:
-    """A linear-like node: y = x W^T + b (aten.linear) or y = b + x W (addmm / mm, weight stored [in, out])."""
+    """A linear-like node: y = x W^T + b (aten.linear) or y = b + x W (addmm / mm / matmul, weight stored [in, out])."""
 
     x: fx.Node
-    weight: fx.Node
+    weight: fx.Node  # the node the linear reads as its 2-D weight: a parameter, or one reshaped / cast
     bias: fx.Node | None
     in_features: int
     out_features: int
     transposed: bool  # weight stored [in, out] (addmm / mm, e.g. GPT-2's Conv1D)
-    op: str = "linear"  # which of the linear ops it was, so a rewrite can emit the same kind
+    op: str = "linear"  # which kind of linear to emit for an inserted one reading the same input
+    direct: bool = True  # the node reads a parameter itself (not a view, cast or transpose of one; not a matmul)
+    tensor: torch.Tensor | None = None  # the weight's value as stored (`weight` evaluated on the parameter)
+    param: fx.Node | None = None  # the get_attr of the parameter it comes from (names inserted parameters)
+
+
+# Ops that hand on a parameter's values as they are: a cast to the dtype it already has (modded-nanogpt's
+# CastedLinear `w.type_as(x)`), a reshape of a stacked weight (`qkv_w.flatten(end_dim=1)`), a slab of it;
+# and the transposes that turn a stored [out, in] weight into x @ W.t().
+_KEEPS_VALUES = frozenset({"to", "_to_copy", "type_as", "flatten", "view", "reshape", "_unsafe_view", "select",
+                           "contiguous", "alias", "detach"})
+_TRANSPOSES = frozenset({"t", "transpose", "permute", "numpy_T"})
+
+
+def _weight(gm: fx.GraphModule, w) -> tuple[torch.Tensor | None, fx.Node | None]:
+    """(value, parameter node) of a weight operand computed from one parameter by value-keeping ops only
+    (evaluated here on the parameter itself: a view, no copy); (None, None) otherwise."""
+    if not isinstance(w, fx.Node):
+        return None, None
+    t = get_attr_tensor(gm, w)
+    if t is not None:
+        return t, w
+    if w.op != "call_function" or op_name(w) not in _KEEPS_VALUES or not isinstance(w.args[0], fx.Node):
+        return None, None
+    if op_name(w) != "type_as" and any(isinstance(a, fx.Node) for a in (*w.args[1:], *w.kwargs.values())):
+        return None, None  # (type_as(x) reads only x's dtype: checked on the node's value below)
+    src, param = _weight(gm, w.args[0])
+    out = w.meta.get("val")
+    if src is None or not isinstance(out, torch.Tensor) or out.dtype != src.dtype or out.device != src.device:
+        return None, None
+    if op_name(w) == "type_as":
+        return src, param
+    value = w.target(src, *w.args[1:], **w.kwargs)
+    return (value, param) if tuple(value.shape) == tuple(out.shape) else (None, None)
+
+
+def _transposed(w) -> fx.Node | None:
+    """x of a node that is x.t() / x.transpose(-2, -1) / x.permute(1, 0) of a 2-D x, else None."""
+    if not isinstance(w, fx.Node) or w.op != "call_function" or op_name(w) not in _TRANSPOSES:
+        return None
+    x = w.args[0]
+    val = x.meta.get("val") if isinstance(x, fx.Node) else None
+    if not isinstance(val, torch.Tensor) or val.dim() != 2:
+        return None
+    name = op_name(w)
+    if name == "transpose" and sorted(d % 2 for d in w.args[1:3]) != [0, 1]:
+        return None
+    if name == "permute" and [d % 2 for d in w.args[1]] != [1, 0]:
+        return None
+    return x
 
 
 def linear_info(gm: fx.GraphModule, node: fx.Node) -> LinearInfo | None:
-    """A linear map with a parameter weight: aten.linear, or addmm/mm with a parameter right operand."""
+    """A linear map with a parameter weight: aten.linear, addmm/mm with a parameter right operand, or a matmul
+    of an activation and a parameter, stored [in, out] (`x @ W`) or read transposed (`x @ emb.t()`, a tied
+    head written as a matmul). The weight may be a view or an identity cast of a parameter."""
     name = op_name(node)
-    if not is_op(name, "linear"):
-        return None
     if name == "linear":
         x, w = node.args[0], node.args[1]
         b = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-        t = get_attr_tensor(gm, w)
+        t, p = _weight(gm, w)
         if t is None or t.dim() != 2:
             return None
-        return LinearInfo(x, w, b, t.shape[1], t.shape[0], False, name)
-    b, x, w = (node.args[0], node.args[1], node.args[2]) if name == "addmm" else (None, node.args[0], node.args[1])
-    t = get_attr_tensor(gm, w)
-    if t is None or t.dim() != 2:
-        return None
-    return LinearInfo(x, w, b, t.shape[0], t.shape[1], True, name)
+        return LinearInfo(x, w, b, t.shape[1], t.shape[0], False, name, p is w, t, p)
+    if name in ("addmm", "mm"):
+        b, x, w = (node.args[0], node.args[1], node.args[2]) if name == "addmm" else (None, node.args[0], node.args[1])
+        t, p = _weight(gm, w)
+        if t is None or t.dim() != 2:
+            return None
+        return LinearInfo(x, w, b, t.shape[0], t.shape[1], True, name, p is w, t, p)
+    if name == "matmul" and get_attr_tensor(gm, node.args[0]) is None:
+        x, w = node.args[:2]
+        stored = _transposed(w)
+        t, p = _weight(gm, stored if stored is not None else w)
+        if t is None or t.dim() != 2:
+            return None
+        if stored is not None:  # x @ W.t(), W [out, in]: an inserted one is an aten.linear
+            return LinearInfo(x, stored, None, t.shape[1], t.shape[0], False, "linear", False, t, p)
+        return LinearInfo(x, w, None, t.shape[0], t.shape[1], True, "matmul", False, t, p)
+    return None
 
 
 def linear_call(info: LinearInfo, x: fx.Node, weight: fx.Node, bias: fx.Node | None, kwargs: dict | None = None):
     """(target, args, kwargs) of a linear of the same kind as `info` on new operands (an inserted or fused
-    linear): aten.linear stays linear; addmm / mm stay addmm (with a bias) or mm (without)."""
+    linear): aten.linear stays linear; addmm / mm stay addmm (with a bias) or mm (without); x @ W stays matmul."""
     if info.op == "linear":
         return aten.linear.default, (x, weight, bias), {}
+    if info.op == "matmul":
+        return aten.matmul.default, (x, weight), {}
     if bias is not None:
         return aten.addmm.default, (bias, x, weight), dict(kwargs or {})
     return aten.mm.default, (x, weight), {}

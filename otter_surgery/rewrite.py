@@ -118,14 +118,14 @@ class Rewrite:
         b = get_attr_tensor(self.gm, info.bias) if info.bias is not None else None
         if info.bias is not None and b is None:
             raise UnsupportedGraphError(node, "the linear's bias is computed, not a parameter")
-        w = get_attr_tensor(self.gm, info.weight)
+        w = info.tensor
         w_oi = w.t() if info.transposed else w
         rows = inits.spread_index(info.out_features, width.size, width.unit)
         cols = inits.spread_index(info.in_features, comp_in.size, comp_in.unit)
         block = inits.linear_block(w_oi, rows, cols, self.spec.init, self.generator)
         if info.transposed:
             block = block.t()
-        w_e = self.new_param(self.readable(info.weight), block, w.dtype, w.device)
+        w_e = self.new_param(self.readable(info.param), block, w.dtype, w.device)
         b_e = None
         if b is not None and not self.analysis.roles[node].key_only:
             b_e = self.new_param(self.readable(info.bias), inits.linear_bias(b, rows, self.spec.init), b.dtype, b.device)

@@ -96,7 +96,7 @@ def expert_weights(gm: fx.GraphModule, region: MoERegion, d: int):
 
 
 def _weight(gm, info) -> torch.Tensor:
-    w = get_attr_tensor(gm, info.weight)
+    w = info.tensor
     return w.t() if info.transposed else w
 
 
