@@ -26,7 +26,7 @@ EXAMPLES = {
     "generate": "otter-surgery generate --model ./my-llama --adapter ./adapter-trained --prompt \"Movie review: The plot\" "
                 "--guide reward --weight 1.0 --top-k 10 --max-new-tokens 24",
     "bench": "otter-surgery bench --model ./my-llama --seq 64 --new-tokens 16 --json > bench.json",
-    "support": "otter-surgery support llama gpt2 --json support.json",
+    "support": "otter-surgery support llama gpt2 --decoder my_models:build --json support.json",
     "demo": "OMP_NUM_THREADS=1 otter-surgery demo",
 }
 
@@ -34,12 +34,12 @@ EXAMPLES = {
 def support(args: argparse.Namespace) -> int:
     from .support import markdown, rows_to_json, summary, support_table
 
-    rows = support_table(args.arch or None, jobs=args.jobs, timeout=args.timeout)
+    rows = support_table(args.arch or None, jobs=args.jobs, timeout=args.timeout, decoders=args.decoder or ())
     print(markdown(rows))
     s = summary(rows)
-    print(f"\n{s['bit_identical_fp32']} of {s['families']} causal-LM families bit-identical in fp32, "
+    print(f"\n{s['bit_identical_fp32']} of {s['families']} checked bit-identical in fp32, "
           f"{s['bit_identical_bf16']} in bf16 ({s['captured']} captured, {s['inserted']} inserted); "
-          f"{s['decodes']} decode with transformers' own greedy tokens; mixture-of-experts (routed blocks in the "
+          f"{s['decodes']} decode with the model's own greedy tokens; mixture-of-experts (routed blocks in the "
           f"graph): {s['moe_bit_identical']} of {s['moe']} bit-identical")
     if args.json:
         with open(args.json, "w") as f:
@@ -130,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("arch", nargs="*", help="families to check (default: every causal-LM family installed)")
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--timeout", type=float, default=300, help="seconds per family")
+    p.add_argument("--decoder", action="append", metavar="MODULE:FACTORY[:ARG]",
+                   help="also check a decoder outside transformers (forward(idx) -> logits) built by "
+                        "MODULE.FACTORY(ARG) (repeatable; e.g. tests.zoo:build:gemma from a checkout)")
     p.add_argument("--json", metavar="FILE", help="also write the rows as JSON here")
 
     p = _sub(sub, "demo", "the whole story on SmolLM2-135M: insert, verify, train a sentiment reward, "

@@ -119,25 +119,73 @@ class SupportRow:
 
 
 def check_family(arch: str) -> SupportRow:
+    """A transformers family, on a tiny random config."""
+    from otter_surgery.testing import build_model
+
+    row = SupportRow(arch)
+    try:
+        model = build_model(tiny_config(arch))
+    except Exception as exc:
+        row.note = f"tiny config/model: {type(exc).__name__}: {str(exc)[:120]}"
+        return row
+    return _check(row, lambda dtype: model.to(dtype))
+
+
+def check_decoder(spec: str) -> SupportRow:
+    """A decoder outside transformers, called as forward(idx): `spec` is "module:factory" or
+    "module:factory:arg" (e.g. "my_models:build" or "tests.zoo:build:gemma"); the factory returns the model
+    (given `dtype=` when it takes that keyword, else the model is cast with .to())."""
+    import importlib
+    import inspect
+
+    row = SupportRow(spec)
+    try:
+        module, name, *arg = spec.split(":", 2)
+        factory = getattr(importlib.import_module(module), name)
+        takes_dtype = "dtype" in inspect.signature(factory).parameters
+    except Exception as exc:
+        row.note = f"cannot load the decoder factory {spec!r}: {type(exc).__name__}: {str(exc)[:120]}"
+        return row
+
+    def make(dtype):
+        if takes_dtype:
+            return factory(*arg, dtype=dtype).eval()
+        return factory(*arg).to(dtype).eval()
+
+    return _check(row, make)
+
+
+def _check(row: SupportRow, make) -> SupportRow:
+    """capture -> insert -> bit-identical logits in fp32 and bf16 -> decoding, for the model `make(dtype)`."""
     import torch
 
     import otter_surgery as otter
     from otter_surgery.analyze import Analysis
-    from otter_surgery.capture import vocab_size, capture
+    from otter_surgery.capture import capture, is_transformers_model, vocab_size
     from otter_surgery.moe import _selects
-    from otter_surgery.testing import build_model
     from otter_surgery.verify import bits_equal, reference_logits
 
-    row = SupportRow(arch)
-    try:
-        cfg = tiny_config(arch)
-        model = build_model(cfg)
-    except Exception as exc:
-        row.note = f"tiny config/model: {type(exc).__name__}: {str(exc)[:120]}"
-        return row
     for dtype in (torch.float32, torch.bfloat16):
         try:
-            model = model.to(dtype)
+            model = make(dtype)
+            masked = is_transformers_model(model)
+            try:
+                vocab = vocab_size(model)
+            except otter.OtterError:
+                vocab = 32  # (a decoder with its own embedding module and no config: any real vocabulary is larger)
+            ids = torch.randint(3, vocab, (2, 9), generator=torch.Generator().manual_seed(0))
+            mask = torch.ones_like(ids)
+            mask[0, :3] = 0
+            # a padded batch (transformers) or a full one, and one row of one token and of six (where kernels
+            # pick other paths)
+            rows = [ids[:1, :n] for n in (1, 6)]
+            batches = [{"input_ids": ids, "attention_mask": mask} if masked else {"input_ids": ids}] + [
+                {"input_ids": r, "attention_mask": torch.ones_like(r)} if masked else {"input_ids": r} for r in rows]
+            try:
+                want = [reference_logits(model, batch) for batch in batches]
+            except Exception as exc:  # the model's own forward: nothing of ours has run yet
+                row.note = f"the model itself fails in {str(dtype)[6:]}: {type(exc).__name__}: {str(exc)[:120]}"
+                break
             if dtype == torch.float32:
                 graph = capture(model).graph_module
                 row.captured = True
@@ -147,25 +195,36 @@ def check_family(arch: str) -> SupportRow:
             omodel = otter.insert(model, otter.InsertSpec(extra_dim=4, extra_heads=step, extra_ffn=8))
             row.inserted = True
             row.strategy = omodel.capture_strategy
-            gen = torch.Generator().manual_seed(0)
-            ids = torch.randint(3, vocab_size(model), (2, 9), generator=gen)
-            mask = torch.ones_like(ids)
-            mask[0, :3] = 0
-            # a padded batch, and one row of one token and of six (where kernels pick other paths)
-            batches = [{"input_ids": ids, "attention_mask": mask}] + [
-                {"input_ids": ids[:1, :n], "attention_mask": torch.ones_like(ids[:1, :n])} for n in (1, 6)]
-            equal = True
-            for batch in batches:
-                with torch.no_grad():
-                    got = omodel(**batch).logits
-                equal = equal and bits_equal(got, reference_logits(model, batch))
+            with torch.no_grad():
+                equal = all(bits_equal(omodel(**batch).logits, w) for batch, w in zip(batches, want))
             setattr(row, "fp32" if dtype == torch.float32 else "bf16", equal)
             if dtype == torch.float32:
-                row.decodes, row.decode_note = check_decoding(model, omodel, ids, mask)
+                row.decodes, row.decode_note = (check_decoding(model, omodel, ids, mask) if masked
+                                                else check_plain_decoding(model, omodel, ids))
         except Exception as exc:
             row.note = _describe(exc)
             break
     return row
+
+
+def check_plain_decoding(model, omodel, ids) -> tuple[bool, str]:
+    """otter.generate == the decoder's own greedy loop (the whole sequence each step, argmax of the last
+    position), 5 new tokens."""
+    import torch
+
+    import otter_surgery as otter
+    from otter_surgery.verify import reference_logits
+
+    try:
+        got = otter.generate(omodel, ids, max_new_tokens=5).sequences
+        want = ids
+        with torch.no_grad():
+            for _ in range(5):
+                nxt = reference_logits(model, {"input_ids": want})[:, -1].argmax(-1, keepdim=True)
+                want = torch.cat([want, nxt], 1)
+    except Exception as exc:
+        return False, _describe(exc)
+    return (True, "") if torch.equal(got, want) else (False, "greedy tokens differ from the decoder's own greedy loop")
 
 
 def check_decoding(model, omodel, ids, mask) -> tuple[bool, str]:
@@ -209,9 +268,9 @@ def _describe(exc: Exception) -> str:
     return text if isinstance(exc, OtterError) else "crash (not an OtterError): " + text
 
 
-def _run_isolated(arch: str, timeout: float) -> SupportRow:
-    code = f"import json, dataclasses; from otter_surgery.support import check_family; " \
-           f"print('ROW' + json.dumps(dataclasses.asdict(check_family({arch!r}))))"
+def _run_isolated(arch: str, timeout: float, check: str = "check_family") -> SupportRow:
+    code = f"import json, dataclasses; from otter_surgery.support import {check}; " \
+           f"print('ROW' + json.dumps(dataclasses.asdict({check}({arch!r}))))"
     try:
         proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -228,10 +287,14 @@ def causal_lm_families() -> list[str]:
     return sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
 
 
-def support_table(archs: list[str] | None = None, jobs: int = 2, timeout: float = 300) -> list[SupportRow]:
-    archs = archs or causal_lm_families()
+def support_table(archs: list[str] | None = None, jobs: int = 2, timeout: float = 300,
+                  decoders: list[str] = ()) -> list[SupportRow]:
+    """Rows for the transformers families `archs` (default: every causal-LM family installed, unless only
+    `decoders` are asked for) and the decoders outside transformers `decoders` (check_decoder's specs)."""
+    archs = archs or ([] if decoders else causal_lm_families())
+    jobs_list = [(a, "check_family") for a in archs] + [(d, "check_decoder") for d in decoders]
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        return list(pool.map(lambda a: _run_isolated(a, timeout), archs))
+        return list(pool.map(lambda job: _run_isolated(job[0], timeout, job[1]), jobs_list))
 
 
 def markdown(rows: list[SupportRow]) -> str:

@@ -283,3 +283,18 @@ def test_support_cli(tmp_path, capsys):
     assert code == 0, err
     rows = json.loads((tmp_path / "s.json").read_text())["rows"]
     assert rows[0]["arch"] == "llama" and rows[0]["fp32"] and rows[0]["bf16"]
+
+
+@pytest.mark.slow
+def test_support_checks_decoders_outside_transformers(tmp_path, capsys):
+    """--decoder MODULE:FACTORY[:ARG]: a plain PyTorch decoder (forward(idx)) gets the same row; a factory
+    that cannot be loaded, and a model that fails on its own, are said to be so (nothing of ours ran)."""
+    code, out, err = _run(capsys, "support", "--jobs", "1", "--json", tmp_path / "s.json",
+                          "--decoder", "tests.zoo:build:mingpt", "--decoder", "tests.zoo:build:rwkv",
+                          "--decoder", "tests.zoo:nowhere")
+    assert code == 0, err
+    rows = {r["arch"]: r for r in json.loads((tmp_path / "s.json").read_text())["rows"]}
+    mingpt, rwkv, bad = rows["tests.zoo:build:mingpt"], rows["tests.zoo:build:rwkv"], rows["tests.zoo:nowhere"]
+    assert mingpt["fp32"] and mingpt["bf16"] and mingpt["decodes"], mingpt
+    assert rwkv["fp32"] and not rwkv["bf16"] and rwkv["note"].startswith("the model itself fails in bfloat16"), rwkv
+    assert not bad["captured"] and "cannot load the decoder factory" in bad["note"], bad
