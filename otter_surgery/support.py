@@ -1,7 +1,8 @@
-"""`otter-surgery support`: which causal-LM families of the installed transformers go through insert(),
-checked live on tiny random configs (captured / inserted / bit-identical fp32 / bf16 on a padded batch of 2 x 9
-and single rows of 1 and 6 tokens / decodes: otter.generate
-gives transformers' own greedy tokens, padded and unpadded batches, fp32)."""
+"""`otter-surgery support`: which causal-LM families of the installed transformers — and which decoders outside
+transformers (`--decoder MODULE:FACTORY[:ARG]`) — go through insert(), checked live on tiny random models
+(captured / experts routed / inserted / bit-identical fp32 / bf16 on a padded batch of 2 x 9 and single rows of
+1 and 6 tokens / decodes: otter.generate gives the model's own greedy tokens — transformers' generate, padded
+and unpadded batches; a plain decoder's greedy loop — fp32)."""
 from __future__ import annotations
 
 import copy
