@@ -24,7 +24,8 @@ SHRINK = dict(
     qk_rope_head_dim=8, qk_nope_head_dim=8, qk_head_dim=16, v_head_dim=8, q_lora_rank=16, kv_lora_rank=16,
     rotary_dim=4, index_head_dim=8, index_n_heads=2,
     # experts
-    n_routed_experts=4, n_shared_experts=1, num_experts=4, num_local_experts=4, num_experts_per_tok=2, n_group=2,
+    n_routed_experts=4, n_shared_experts=1, num_experts=4, num_local_experts=4, num_experts_per_tok=2,
+    num_experts_per_token=2, n_group=2, num_expert_group=2,
     topk_group=1, moe_intermediate_size=16, shared_expert_intermediate_size=16, shared_experts_intermediate_size=16,
     expert_ffn_hidden_size=16, zero_expert_num=2, ffn_hidden_size=40, first_k_dense_replace=1, num_dense_layers=1,
     first_k_dense=1,
@@ -33,7 +34,7 @@ SHRINK = dict(
     encoder_layers=2, image_size=32, patch_size=8, vision_output_dim=32, projection_dim=32, num_global_layers=1,
     # state-space and hybrid layers
     mamba_n_heads=8, mamba_d_head=8, n_mamba_heads=2, mamba_headdim=32, mamba_d_state=16, mamba_dt_rank=8,
-    mamba_chunk_size=16, num_heads=8, attention_hidden_size=64, attention_head_dim=16,
+    mamba_chunk_size=16, num_heads=8, attention_head_dim=16,
     hidden_size_per_layer_input=8, vocab_size_per_layer_input=64, num_kv_shared_layers=0)
 # generation-config fields that make transformers' greedy something other than the model's argmax
 PROCESSOR_FIELDS = ("forced_eos_token_id", "forced_bos_token_id", "min_length", "min_new_tokens", "repetition_penalty",
@@ -50,6 +51,11 @@ def _shrunk(default) -> dict:
         if (isinstance(have, int) and not isinstance(have, bool) and have > want) or (
                 have is None and key in UNSET_OK and hasattr(default, key)):
             out[key] = want
+    # never route to more experts than there are (a family whose default has one expert keeps top-1)
+    experts = next((v for k in ("n_routed_experts", "num_experts", "num_local_experts")
+                    if isinstance(v := out.get(k, vars(default).get(k)), int)), None)
+    if "num_experts_per_tok" in out and experts is not None:
+        out["num_experts_per_tok"] = min(out["num_experts_per_tok"], experts)
     return out
 
 
@@ -73,8 +79,10 @@ def tiny_config(arch: str, **overrides):
             keep = {k: v for k, v in sub.to_dict().items() if k not in _per_layer_lists(sub)}
             kwargs[name] = {**keep, **{k: v for k, v in TINY.items() if hasattr(sub, k)}, **_shrunk(sub)}
     first = None
-    # a hybrid family whose attention layers come every few layers has none in two: then try deeper
-    for layers in (None,) if "num_hidden_layers" in overrides else (None, 4, 8):
+    # A hybrid family whose attention layers come every few layers has none in two: then try deeper. A config
+    # whose model also runs with its cache (as generate runs it) first; else one that runs without (as capture).
+    depths = (None,) if "num_hidden_layers" in overrides else (None, 4, 8)
+    for cache, layers in [(cache, layers) for cache in (True, False) for layers in depths]:
         tried = copy.deepcopy(kwargs)
         for d in ([tried] + [v for v in tried.values() if isinstance(v, dict)]) if layers else ():
             d["num_hidden_layers"] = layers
@@ -88,21 +96,21 @@ def tiny_config(arch: str, **overrides):
                         d.pop(drop, None)
             try:
                 config = AutoConfig.for_model(arch, **tried)
-                _runs(config)
+                _runs(config, cache)
                 return config
             except Exception as exc:  # config validators and model code raise many types
                 first = first or exc
     raise first
 
 
-def _runs(config) -> None:
+def _runs(config, cache: bool) -> None:
     import torch
 
     from otter_surgery.testing import build_model
 
     ids = torch.full((1, 4), 3)
     with torch.no_grad():
-        build_model(config)(input_ids=ids, attention_mask=torch.ones_like(ids))
+        build_model(config)(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=cache)
 
 
 @dataclass
