@@ -316,11 +316,19 @@ def _eager_kernel_choices():
         patches = [(masking_utils, "is_torchdynamo_exporting"), (sdpa_attention, "is_torchdynamo_compiling")]
     except ImportError:  # pragma: no cover
         pass
-    saved = [(mod, name, getattr(mod, name)) for mod, name in patches if hasattr(mod, name)]
+    with _reading_false(patches):
+        yield
+
+
+@contextlib.contextmanager
+def _reading_false(targets):
+    """Within the block, each (module, name) predicate of `targets` that the module has returns False; the
+    originals are put back after. Yields the targets patched."""
+    saved = [(mod, name, getattr(mod, name)) for mod, name in targets if hasattr(mod, name)]
     for mod, name, _ in saved:
         setattr(mod, name, lambda: False)
     try:
-        yield
+        yield [(mod, name) for mod, name, _ in saved]
     finally:
         for mod, name, original in saved:
             setattr(mod, name, original)
@@ -346,14 +354,9 @@ def _model_eager_branches(model: nn.Module):
         return
     originals = {name: getattr(import_utils, name) for name in EXPORT_PREDICATES if hasattr(import_utils, name)}
     modules = {sys.modules.get(type(m).__module__) for m in model.modules()} - {None}
-    saved = [(mod, name, fn) for mod in modules for name, fn in originals.items() if getattr(mod, name, None) is fn]
-    for mod, name, _ in saved:
-        setattr(mod, name, lambda: False)
-    try:
-        yield [f"{mod.__name__}.{name}" for mod, name, _ in saved]
-    finally:
-        for mod, name, fn in saved:
-            setattr(mod, name, fn)
+    with _reading_false([(mod, name) for mod in modules for name, fn in originals.items()
+                         if getattr(mod, name, None) is fn]) as patched:
+        yield [f"{mod.__name__}.{name}" for mod, name in patched]
 
 
 def _on_eager_branches(model: nn.Module, export):
