@@ -54,8 +54,9 @@ def _shrunk(default) -> dict:
     # never route to more experts than there are (a family whose default has one expert keeps top-1)
     experts = next((v for k in ("n_routed_experts", "num_experts", "num_local_experts")
                     if isinstance(v := out.get(k, vars(default).get(k)), int)), None)
-    if "num_experts_per_tok" in out and experts is not None:
-        out["num_experts_per_tok"] = min(out["num_experts_per_tok"], experts)
+    for key in ("num_experts_per_tok", "num_experts_per_token"):
+        if key in out and experts is not None:
+            out[key] = min(out[key], experts)
     return out
 
 
@@ -88,12 +89,13 @@ def tiny_config(arch: str, **overrides):
             d["num_hidden_layers"] = layers
         # (latent attention wants as many kv heads as query heads; some families refuse the key outright)
         for drop in (None, "head_dim", "kv=heads", "num_key_value_heads", "intermediate_size"):
-            if drop and drop.split("=")[0] not in overrides:
+            key = "num_key_value_heads" if drop == "kv=heads" else drop
+            if drop and key not in overrides:
                 for d in [tried] + [v for v in tried.values() if isinstance(v, dict)]:
                     if drop == "kv=heads":
-                        d["num_key_value_heads"] = d.get("num_attention_heads", TINY["num_attention_heads"])
+                        d[key] = d.get("num_attention_heads", TINY["num_attention_heads"])
                     else:
-                        d.pop(drop, None)
+                        d.pop(key, None)
             try:
                 config = AutoConfig.for_model(arch, **tried)
                 _runs(config, cache)
