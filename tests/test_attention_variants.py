@@ -68,14 +68,17 @@ def test_family_inserts_bit_identically_two_layers(arch):
 
 @pytest.mark.slow
 def test_attention_sinks_of_inserted_heads_copy_their_heads():
-    """gpt_oss: each inserted head's sink logit is the sink of the head it copies (not zero, not missing)."""
+    """gpt_oss: each inserted head's sink logit is the sink of the head it copies (not zero, not missing).
+    Under GQA query heads are inserted and copied in whole groups of the heads sharing a KV head."""
     model = _model("gpt_oss", 1)
     omodel = otter.insert(model, otter.InsertSpec(extra_dim=4, extra_ffn=8))
     sinks = model.model.layers[0].self_attn.sinks.detach()
-    got = [p for n, p in omodel.named_parameters() if "sinks" in n]
+    got = [p for n, p in omodel.inserted_parameters().items() if "sinks" in n]  # (the base's own sinks: frozen)
     assert len(got) == 1
     n_e = got[0].numel()
-    assert n_e and torch.equal(got[0].detach(), sinks[spread_index(sinks.numel(), n_e, 1)].to(got[0].dtype))
+    group = model.config.num_attention_heads // model.config.num_key_value_heads
+    assert group > 1 and n_e % group == 0
+    assert torch.equal(got[0].detach(), sinks[spread_index(sinks.numel(), n_e, group)].to(got[0].dtype))
 
 
 def test_alibi_rows_of_inserted_heads_are_their_copies_rows():
