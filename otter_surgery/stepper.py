@@ -16,12 +16,14 @@ from dataclasses import dataclass, field, replace
 
 import torch
 import torch.fx as fx
+from torch.fx.passes.shape_prop import ShapeProp
 
 from .capture import eval_mode, capture_step
 from .errors import CaptureError, OtterError
 from .graph_utils import get_attr_tensor
 from .model import OtterModel
 from .passes.merge_side_gemms import GemmStore, merge_side_gemms
+from .passes.merge_sibling_chains import merge_sibling_chains
 from .verify import bits_equal
 
 logger = logging.getLogger(__name__)
@@ -113,7 +115,7 @@ def _positions(mask: torch.Tensor) -> torch.Tensor:
 class _StepGraph:
     """One captured, rewritten variant of the step, sharing the full graph's inserted parameters."""
 
-    def __init__(self, omodel: OtterModel, kind: str, masked: bool, store: GemmStore):
+    def __init__(self, omodel: OtterModel, kind: str, masked: bool, store: GemmStore, merge_chains: bool = True):
         from .insert import opaque_modules, rewrite
 
         captured = capture_step(omodel.base_model, kind=kind, masked=masked)
@@ -129,6 +131,31 @@ class _StepGraph:
         self.layout = list(self.gm.meta.get("otter_cache", []))
         holders = [n for n in self.gm.graph.nodes if n.op == "placeholder"]
         self.inserted_order = [n.meta["otter_cache_companion"] for n in holders if "otter_cache_companion" in n.meta]
+        self.ops_saved = 0
+        if merge_chains:
+            with torch.no_grad():  # the shapes merge_sibling_chains reads, from one run on a small example
+                ShapeProp(self.gm).propagate(*self.example_inputs(kind, masked))
+            self.ops_saved = merge_sibling_chains(self.gm)
+
+    def example_inputs(self, kind: str, masked: bool, rows: int = 2) -> list[torch.Tensor]:
+        """Inputs of the right shapes (values do not matter): `rows` rows, a past of 3 tokens unless prefill."""
+        device = next(iter(self.gm.parameters()), torch.empty(0)).device
+        past_len, new = (0, 5) if kind in ("prefill", "recompute") else (3, 1 if kind == "one" else 3)
+        ids = torch.full((rows, new), 3, dtype=torch.long, device=device)
+        mask = torch.ones(rows, past_len + new, dtype=torch.long, device=device)
+        if masked:
+            mask[0, 0] = 0
+        positions = _positions(mask)[:, -new:]
+        if kind == "recompute":
+            return [ids, mask, positions]
+        past = [torch.zeros(rows, h, past_len, d, dtype=self.dtype, device=device) for h, d in self.cache_shapes]
+        inserted = []
+        for i in self.inserted_order:
+            axis, size = next((a, s) for j, a, s in self.layout if j == i)
+            shape = list(past[i].shape)
+            shape[axis] = size
+            inserted.append(past[i].new_zeros(shape))
+        return [ids, mask, positions, *past, *inserted]
 
 
 def _projections_out(gm: fx.GraphModule, ctx) -> dict[str, torch.Tensor]:

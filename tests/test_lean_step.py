@@ -1,9 +1,11 @@
 """The decode step's side-car is lean and stays in sync with training (passes/drop_identity_casts.py,
 passes/merge_side_gemms.py): fewer ops, no extra memory, and the merged GEMMs always read the current
 inserted parameters (after an optimizer step, a reassignment of a parameter's data, or a save)."""
+import pytest
 import torch
 
 import otter_surgery as otter
+from otter_surgery import testing as ot
 from otter_surgery.stepper import decoder
 
 aten = torch.ops.aten
@@ -66,3 +68,44 @@ def test_merged_gemms_follow_training_and_reassignment(tiny_llama, tmp_path):
     loaded = otter.load(tiny_llama, tmp_path / "adapter")
     for k, v in loaded.inserted_parameters().items():
         assert torch.equal(v, params[k]), k
+
+
+def _step_outputs(omodel, kind, masked, merge_chains, seed=0):
+    from otter_surgery.passes.merge_side_gemms import GemmStore
+    from otter_surgery.stepper import _StepGraph
+
+    g = _StepGraph(omodel, kind, masked, GemmStore(), merge_chains=merge_chains)
+    gen = torch.Generator().manual_seed(seed)
+    inputs = [torch.randint(3, 60, x.shape, generator=gen) if i == 0 else x if i < 3
+              else torch.randn(x.shape, generator=gen).to(x.dtype)
+              for i, x in enumerate(g.example_inputs(kind, masked, rows=3))]
+    with torch.no_grad():
+        return g, g.gm(*inputs)
+
+
+@pytest.mark.parametrize("arch,dtype", [("llama", torch.float32), ("qwen3", torch.bfloat16), ("phi3", torch.float32),
+                                        ("gpt_neox", torch.float32), ("gpt2", torch.bfloat16)])
+def test_merged_sibling_chains_keep_every_output_bit_for_bit(arch, dtype):
+    """passes/merge_sibling_chains.py: the inserted q/k/v chains run as one (reshape, transpose, rotary) and every
+    output of the step — base logits, signals, base and inserted caches — keeps its bits."""
+    cfg = _fixed_config(arch)
+    model = ot.build_model(cfg, dtype)
+    omodel = otter.insert(model, otter.InsertSpec(extra_dim=8, extra_heads=cfg.num_attention_heads,
+                                                  extra_ffn=8, signal=("reward", "calibration")))
+    for kind, masked in (("one", False), ("verify", True)):
+        merged, got = _step_outputs(omodel, kind, masked, True)
+        plain, want = _step_outputs(omodel, kind, masked, False)
+        assert len(got) == len(want)
+        for i, (a, b) in enumerate(zip(got, want)):
+            assert torch.equal(a, b), f"{arch} {kind}: output {i} differs after merging sibling chains"
+        # gpt2 and gpt_neox (q/k/v interleaved per head; rotary on part of the head axis) have nothing to merge
+        if arch in ("llama", "qwen3", "phi3"):
+            assert merged.ops_saved > 0, f"{arch} {kind}: nothing merged"
+        count = lambda gm: sum(n.op == "call_function" for n in gm.graph.nodes)  # noqa: E731
+        assert count(merged.gm) == count(plain.gm) - merged.ops_saved
+
+
+def _fixed_config(arch):
+    from otter_surgery.support import tiny_config
+
+    return tiny_config(arch)
