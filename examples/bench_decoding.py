@@ -145,29 +145,37 @@ def compiled_genarm(steps, rm_steps, ids, mask, new, alpha):
 
 
 def ops_per_block(base, spec) -> dict:
-    """aten ops in the one-token decode step, per block: the base's, Otter's as first rewritten, and Otter's
-    as decoded (identity casts dropped, inserted GEMMs merged)."""
-    from otter_surgery import passes
-    from otter_surgery.insert import rewrite
-    from otter_surgery.passes.merge_side_gemms import GemmStore, merge_side_gemms
+    """aten ops per block in the one-token decode step: the base's captured step (and after drop_no_ops, the
+    lowering the Otter step also gets), and the ops Otter inserts — as first rewritten, and as decoded (identity
+    casts dropped, GEMMs sharing an input merged, sibling q/k/v chains merged)."""
+    from torch.fx.passes.shape_prop import ShapeProp
 
-    def count(gm):
-        return sum(n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload) for n in gm.graph.nodes)
+    from otter_surgery import passes
+    from otter_surgery.passes.drop_no_ops import drop_no_ops
+    from otter_surgery.passes.merge_sibling_chains import _inserted_nodes
+    from otter_surgery.passes.merge_side_gemms import GemmStore
+    from otter_surgery.stepper import _StepGraph
+
+    def ops(gm, nodes=None):
+        return sum(n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload)
+                   for n in (gm.graph.nodes if nodes is None else nodes))
 
     layers = base.config.num_hidden_layers
-    plain = count(capture_step(base, kind="one", masked=False).graph_module)
-    before = capture_step(base, kind="one", masked=False).graph_module
+    plain = capture_step(base, kind="one", masked=False)
+    n_plain = ops(plain.graph_module)
+    omodel = otter.insert(base, spec)
+    lean = _StepGraph(omodel, "one", False, GemmStore())
+    ShapeProp(plain.graph_module).propagate(*lean.example_inputs("one", False)[:3 + len(plain.cache_shapes)])
+    drop_no_ops(plain.graph_module)
     full_pipeline = passes.PIPELINE
     passes.PIPELINE = tuple(p for p in full_pipeline if p is not passes.DropIdentityCasts)
     try:
-        rewrite(before, spec, freeze=False)
+        first = _StepGraph(omodel, "one", False, GemmStore(), lean=False)
     finally:
         passes.PIPELINE = full_pipeline
-    after = capture_step(base, kind="one", masked=False).graph_module
-    rewrite(after, spec, freeze=False)
-    merge_side_gemms(after, GemmStore())
-    return {"base": plain / layers, "otter_added_before": (count(before) - plain) / layers,
-            "otter_added_after": (count(after) - plain) / layers}
+    return {"base": n_plain / layers, "base_no_ops_dropped": ops(plain.graph_module) / layers,
+            "otter_added_first": ops(first.gm, _inserted_nodes(first.gm)) / layers,
+            "otter_added_decoded": ops(lean.gm, _inserted_nodes(lean.gm)) / layers}
 
 
 def greedy(base, ids, mask, new):
@@ -358,8 +366,9 @@ def main() -> None:
         print(f"{r['batch']:>5} {r['method']:<27}{r['ms_per_token']:>9.1f}{r['x_greedy']:>9.3f}{r['extra_ms_per_token']:>10.1f}"
               f"{r['extra_bytes'] / 2**20:>10.1f}  {pct}")
     ops = ops_per_block(base, SPEC_REWARD)
-    print(f"aten ops per block in the one-token step: base {ops['base']:.1f}; Otter adds {ops['otter_added_before']:.1f} "
-          f"as first rewritten, {ops['otter_added_after']:.1f} as decoded (identity casts dropped, GEMMs merged)")
+    print(f"aten ops per block in the one-token step: base {ops['base']:.1f} ({ops['base_no_ops_dropped']:.1f} without "
+          f"no-op nodes); Otter inserts {ops['otter_added_first']:.1f} as first rewritten, {ops['otter_added_decoded']:.1f} "
+          f"as decoded (identity casts dropped, GEMMs sharing an input merged, sibling q/k/v chains merged)")
     meta = {"machine": platform.processor() or platform.machine(), "threads": args.threads, "torch": torch.__version__,
             "date": time.strftime("%Y-%m-%d"), "new_tokens": args.new, "k": args.k, "repeats": args.repeats,
             "spec_reward": SPEC_REWARD.to_dict(), "spec_token": SPEC_TOKEN.to_dict(), "base_param_bytes": base_param_bytes}

@@ -3,7 +3,7 @@
     python examples/profile_decode_step.py [--threads 1] [--repeats 15] [--out profile_decode_step.json]
 
 1. One-token cached step after a 32-token prompt on SmolLM2-135M (fp32): the base model (transformers, eager)
-   vs the Otter step (`extra_dim=32, extra_heads=3, extra_ffn=64`, reward head), medians of alternating runs;
+   and the base's own captured step graph (run the way the Otter step is run) vs the Otter step (`extra_dim=32, extra_heads=3, extra_ffn=64`, reward head), medians of alternating runs;
    and torch.profiler's self-CPU time of the aten ops in each (the rest of the wall time is Python: the fx
    graph's op calls, the base's module calls), with the number of matrix products.
 2. The Otter medusa step (3 heads): a one-token step vs a 4-position verify step (speculative decoding).
@@ -26,7 +26,10 @@ from torch.profiler import profile
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import otter_surgery as otter  # noqa: E402
 from otter_surgery.real_model import load_smollm2  # noqa: E402
+from otter_surgery.capture import capture_step  # noqa: E402
+from otter_surgery.passes.drop_no_ops import drop_no_ops  # noqa: E402
 from otter_surgery.stepper import decoder  # noqa: E402
+from torch.fx.passes.shape_prop import ShapeProp  # noqa: E402
 
 
 def median_ms(fns: dict, repeats: int) -> dict:
@@ -75,7 +78,18 @@ def main() -> None:
                  use_cache=True)
             past.crop(-1)
 
-        steps = {"base (transformers, eager)": base_step, "Otter step": lambda: dec.step(ids[:, :1], state)}
+        # The base's own captured step graph, lowered as the Otter step is (no-op nodes dropped): the same
+        # executor for both, so "Otter step / base graph" is the side-car's cost alone.
+        plain = capture_step(base, kind="one", masked=False)
+        one = dec.graph("one", masked=False)
+        example = one.example_inputs("one", False)[:3 + len(plain.cache_shapes)]
+        ShapeProp(plain.graph_module).propagate(*example)
+        drop_no_ops(plain.graph_module)
+        step_args = (ids[:, :1], torch.ones(1, 33, dtype=torch.long), torch.full((1, 1), 32), *state.cache)
+
+        steps = {"base (transformers, eager)": base_step,
+                 "base step graph (captured, same lowering)": lambda: plain.graph_module(*step_args),
+                 "Otter step": lambda: dec.step(ids[:, :1], state)}
         wall = median_ms(steps, args.repeats)
         prof = {k: aten_profile(f) for k, f in steps.items()}
     result["one_token_step"] = {k: {"wall_ms": wall[k], **prof[k]} for k in steps}

@@ -23,6 +23,7 @@ from .errors import CaptureError, OtterError
 from .graph_utils import get_attr_tensor
 from .model import OtterModel
 from .passes.merge_side_gemms import GemmStore, merge_side_gemms
+from .passes.drop_no_ops import drop_no_ops
 from .passes.merge_sibling_chains import merge_sibling_chains
 from .verify import bits_equal
 
@@ -115,7 +116,7 @@ def _positions(mask: torch.Tensor) -> torch.Tensor:
 class _StepGraph:
     """One captured, rewritten variant of the step, sharing the full graph's inserted parameters."""
 
-    def __init__(self, omodel: OtterModel, kind: str, masked: bool, store: GemmStore, merge_chains: bool = True):
+    def __init__(self, omodel: OtterModel, kind: str, masked: bool, store: GemmStore, lean: bool = True):
         from .insert import opaque_modules, rewrite
 
         captured = capture_step(omodel.base_model, kind=kind, masked=masked)
@@ -132,10 +133,10 @@ class _StepGraph:
         holders = [n for n in self.gm.graph.nodes if n.op == "placeholder"]
         self.inserted_order = [n.meta["otter_cache_companion"] for n in holders if "otter_cache_companion" in n.meta]
         self.ops_saved = 0
-        if merge_chains:
+        if lean:  # fewer ops per token: see the two passes
             with torch.no_grad():  # the shapes merge_sibling_chains reads, from one run on a small example
                 ShapeProp(self.gm).propagate(*self.example_inputs(kind, masked))
-            self.ops_saved = merge_sibling_chains(self.gm)
+            self.ops_saved = merge_sibling_chains(self.gm) + drop_no_ops(self.gm)
 
     def example_inputs(self, kind: str, masked: bool, rows: int = 2) -> list[torch.Tensor]:
         """Inputs of the right shapes (values do not matter): `rows` rows, a past of 3 tokens unless prefill."""

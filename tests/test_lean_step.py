@@ -70,11 +70,11 @@ def test_merged_gemms_follow_training_and_reassignment(tiny_llama, tmp_path):
         assert torch.equal(v, params[k]), k
 
 
-def _step_outputs(omodel, kind, masked, merge_chains, seed=0):
+def _step_outputs(omodel, kind, masked, lean, seed=0):
     from otter_surgery.passes.merge_side_gemms import GemmStore
     from otter_surgery.stepper import _StepGraph
 
-    g = _StepGraph(omodel, kind, masked, GemmStore(), merge_chains=merge_chains)
+    g = _StepGraph(omodel, kind, masked, GemmStore(), lean=lean)
     gen = torch.Generator().manual_seed(seed)
     inputs = [torch.randint(3, 60, x.shape, generator=gen) if i == 0 else x if i < 3
               else torch.randn(x.shape, generator=gen).to(x.dtype)
@@ -86,8 +86,9 @@ def _step_outputs(omodel, kind, masked, merge_chains, seed=0):
 @pytest.mark.parametrize("arch,dtype", [("llama", torch.float32), ("qwen3", torch.bfloat16), ("phi3", torch.float32),
                                         ("gpt_neox", torch.float32), ("gpt2", torch.bfloat16)])
 def test_merged_sibling_chains_keep_every_output_bit_for_bit(arch, dtype):
-    """passes/merge_sibling_chains.py: the inserted q/k/v chains run as one (reshape, transpose, rotary) and every
-    output of the step — base logits, signals, base and inserted caches — keeps its bits."""
+    """passes/merge_sibling_chains.py: the inserted q/k/v chains run as one (reshape, transpose, rotary), and
+    passes/drop_no_ops.py drops export's metadata asserts and identity casts; every output of the step — base
+    logits, signals, base and inserted caches — keeps its bits."""
     cfg = _fixed_config(arch)
     model = ot.build_model(cfg, dtype)
     omodel = otter.insert(model, otter.InsertSpec(extra_dim=8, extra_heads=cfg.num_attention_heads,
@@ -103,6 +104,8 @@ def test_merged_sibling_chains_keep_every_output_bit_for_bit(arch, dtype):
             assert merged.ops_saved > 0, f"{arch} {kind}: nothing merged"
         count = lambda gm: sum(n.op == "call_function" for n in gm.graph.nodes)  # noqa: E731
         assert count(merged.gm) == count(plain.gm) - merged.ops_saved
+        left = [n.name for n in merged.gm.graph.nodes if n.target is aten._assert_tensor_metadata.default]
+        assert not left, f"{arch} {kind}: metadata asserts left in the step: {left[:3]}"
 
 
 def _fixed_config(arch):
