@@ -28,6 +28,7 @@ import otter_surgery as otter  # noqa: E402
 from otter_surgery.real_model import load_smollm2  # noqa: E402
 from otter_surgery.capture import capture_step  # noqa: E402
 from otter_surgery.passes.drop_no_ops import drop_no_ops  # noqa: E402
+from otter_surgery.passes.lift_attrs import lift_attrs, resolve  # noqa: E402
 from otter_surgery.stepper import decoder  # noqa: E402
 from torch.fx.passes.shape_prop import ShapeProp  # noqa: E402
 
@@ -78,17 +79,20 @@ def main() -> None:
                  use_cache=True)
             past.crop(-1)
 
-        # The base's own captured step graph, lowered as the Otter step is (no-op nodes dropped): the same
+        # The base's own captured step graph, lowered as the Otter step is (no-op nodes dropped, weights passed
+        # as inputs): the same
         # executor for both, so "Otter step / base graph" is the side-car's cost alone.
         plain = capture_step(base, kind="one", masked=False)
         one = dec.graph("one", masked=False)
         example = one.example_inputs("one", False)[:3 + len(plain.cache_shapes)]
         ShapeProp(plain.graph_module).propagate(*example)
         drop_no_ops(plain.graph_module)
-        step_args = (ids[:, :1], torch.ones(1, 33, dtype=torch.long), torch.full((1, 1), 32), *state.cache)
+        lifted, targets = lift_attrs(plain.graph_module)
+        weights = [resolve(plain.graph_module, t) for t in targets]
+        step_args = (ids[:, :1], torch.ones(1, 33, dtype=torch.long), torch.full((1, 1), 32), *state.cache, *weights)
 
         steps = {"base (transformers, eager)": base_step,
-                 "base step graph (captured, same lowering)": lambda: plain.graph_module(*step_args),
+                 "base step graph (captured, same lowering)": lambda: lifted(*step_args),
                  "Otter step": lambda: dec.step(ids[:, :1], state)}
         wall = median_ms(steps, args.repeats)
         prof = {k: aten_profile(f) for k, f in steps.items()}

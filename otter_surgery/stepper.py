@@ -24,6 +24,7 @@ from .graph_utils import get_attr_tensor
 from .model import OtterModel
 from .passes.merge_side_gemms import GemmStore, merge_side_gemms
 from .passes.drop_no_ops import drop_no_ops
+from .passes.lift_attrs import lift_attrs, resolve
 from .passes.merge_sibling_chains import merge_sibling_chains
 from .verify import bits_equal
 
@@ -126,17 +127,50 @@ class _StepGraph:
         _share_inserted(omodel, self.gm, ctx.param_names)
         self.readouts = _projections_out(self.gm, ctx)
         self.merged = merge_side_gemms(self.gm, store)
-        self.run = self.gm
         self.reference = captured.reference
         self.cache_shapes, self.dtype = captured.cache_shapes, captured.cache_dtype
         self.layout = list(self.gm.meta.get("otter_cache", []))
         holders = [n for n in self.gm.graph.nodes if n.op == "placeholder"]
         self.inserted_order = [n.meta["otter_cache_companion"] for n in holders if "otter_cache_companion" in n.meta]
         self.ops_saved = 0
-        if lean:  # fewer ops per token: see the two passes
-            with torch.no_grad():  # the shapes merge_sibling_chains reads, from one run on a small example
-                ShapeProp(self.gm).propagate(*self.example_inputs(kind, masked))
-            self.ops_saved = merge_sibling_chains(self.gm) + drop_no_ops(self.gm)
+        if lean:
+            self._make_lean(kind, masked)
+        self.lifted, self.attr_targets = lift_attrs(self.gm)
+        self.run = self._call_lifted
+        self.bind()
+
+    def bind(self) -> None:
+        """(Re-)read the weights the lifted graph takes as inputs (after parameters may have been replaced)."""
+        self.bound = tuple(resolve(self.gm, t) for t in self.attr_targets)
+
+    def _call_lifted(self, *inputs):
+        return self.lifted(*inputs, *self.bound)
+
+    def _make_lean(self, kind: str, masked: bool) -> None:
+        """Fewer ops per token (passes/merge_sibling_chains.py, passes/drop_no_ops.py) on a copy of the graph, kept
+        only if every output — base and inserted — is bit-identical to the graph's on two random examples of other
+        sizes (the base probe alone would not see a wrong merge: merges touch inserted values only)."""
+        graph = fx.Graph()
+        graph.output(graph.graph_copy(self.gm.graph, {}))
+        lean = fx.GraphModule(self.gm, graph)
+        gen = torch.Generator().manual_seed(0)
+        examples = [[torch.randint(0, 10, x.shape, generator=gen) if i == 0 else x if i < 3
+                     else torch.randn(x.shape, generator=gen).to(x) for i, x in enumerate(self.example_inputs(kind, masked, rows))]
+                    for rows in (2, 3)]
+        with torch.no_grad():
+            ShapeProp(lean).propagate(*examples[0])
+            saved = merge_sibling_chains(lean) + drop_no_ops(lean)
+            try:
+                same = all(all(torch.equal(a, b) for a, b in zip(self.gm(*x), lean(*x))) for x in examples)
+            except Exception as exc:  # a wrong merge may also fail on shapes
+                same, why = False, f"{type(exc).__name__}: {exc}"
+            else:
+                why = "an output differs"
+        if same:
+            self.gm, self.ops_saved = lean, saved
+        else:
+            logger.warning("internal: the lean %s step changed its outputs (%s); decoding runs the step as "
+                           "rewritten", kind, why)
 
     def example_inputs(self, kind: str, masked: bool, rows: int = 2) -> list[torch.Tensor]:
         """Inputs of the right shapes (values do not matter): `rows` rows, a past of 3 tokens unless prefill."""
@@ -216,7 +250,7 @@ class CachedDecoder:
             g = _StepGraph(self.omodel, kind, masked, self.gemms)
             compile_kwargs = self.omodel.__dict__.get("_compile_kwargs")
             if compile_kwargs is None:
-                self._probe(g, g.gm, g.reference, kind, masked)
+                self._probe(g, g.run, g.reference, kind, masked)
             else:
                 # Compiled steps are checked against the base model's step compiled the same way: inductor's
                 # kernels are not eager's, but the original nodes must still give the same bits as the base.
@@ -257,6 +291,7 @@ class CachedDecoder:
         """Prefill: the prompt in one call, from an empty cache."""
         for g in self.graphs.values():  # re-merge inserted GEMMs whose parameters were given new data
             self.gemms.bind(g.gm, g.merged)
+            g.bind()
         return self._run(input_ids, self.empty_state(attention_mask), _positions(attention_mask))
 
     @torch.no_grad()

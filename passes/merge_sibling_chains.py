@@ -136,10 +136,12 @@ def _cat(lanes, lane_args, axis, lane_of=None):
 
 def _reduce(lanes, lane_args, axis):
     x, dims = lanes[0].args[0], lanes[0].args[1]
+    if not dims:
+        return None  # a full reduction mixes the lanes
     keep = lanes[0].args[2] if len(lanes[0].args) > 2 else lanes[0].kwargs.get("keepdim", False)
     rank = len(_shape(x) or ())
     dims = [_dim(d, rank) for d in dims]
-    if not dims or axis in dims:
+    if axis in dims:
         return None
     return lanes[0].args, lanes[0].kwargs, axis if keep else axis - sum(d < axis for d in dims)
 
@@ -293,7 +295,9 @@ def _slice_range(node: fx.Node, size: int) -> tuple[int, int, int] | None:
     args = list(node.args) + [None, 0, 0, size, 1][len(node.args):]
     dim, start, end, step = args[1:5]
     start, end = 0 if start is None else start, size if end is None else end
-    if not all(isinstance(v, int) for v in (start, end, step)) or step != 1:
+    if not all(isinstance(v, int) for v in (start, end)) or start < 0 or end < 0:
+        return None
+    if not isinstance(step, int) or step != 1:
         return None
     return dim, start, min(end, size)
 
@@ -302,8 +306,8 @@ GEMMS = (aten.linear.default, aten.mm.default, aten.addmm.default, aten.matmul.d
 
 
 def _starts(gm: fx.GraphModule) -> list[Group]:
-    """Inserted tensors read as consecutive pieces: a split's getitems, or a GEMM output's slices that tile one
-    dim. (Not any tiling: rotate-half's two halves are lanes of the q/k chain, not a chain of their own.)"""
+    """Inserted tensors read as consecutive pieces: a split's getitems, or a GEMM output's slices that tile its
+    feature dim. (Not any tiling: rotate-half's two halves are lanes of the q/k chain, not a chain of their own.)"""
     inserted, starts = _inserted_nodes(gm), []
     for node in gm.graph.nodes:
         shape = _shape(node)
@@ -324,7 +328,7 @@ def _starts(gm: fx.GraphModule) -> list[Group]:
                     by_dim.setdefault(_dim(r[0], len(shape)), []).append((r[1], r[2], u))
         for dim, ranges in by_dim.items():
             ranges.sort(key=lambda r: r[0])
-            if len(ranges) > 1 and ranges[0][0] == 0 and ranges[-1][1] == shape[dim] and all(
+            if dim == len(shape) - 1 and len(ranges) > 1 and ranges[0][0] == 0 and ranges[-1][1] == shape[dim] and all(
                     a[1] == b[0] for a, b in zip(ranges, ranges[1:])):
                 starts.append(Group(node, dim, [u for _, _, u in ranges], [e - b for b, e, _ in ranges]))
     return starts

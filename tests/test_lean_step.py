@@ -112,3 +112,17 @@ def _fixed_config(arch):
     from otter_surgery.support import tiny_config
 
     return tiny_config(arch)
+
+
+def test_a_wrong_merge_is_caught_and_the_step_runs_as_rewritten(tiny_llama, monkeypatch, caplog):
+    """A merge rule that gets an axis wrong changes only inserted values (no base probe sees them): the lean graph
+    is checked output for output against the rewritten one, and dropped when anything differs."""
+    from otter_surgery.passes import merge_sibling_chains as msc
+
+    monkeypatch.setitem(msc.RULES, aten.transpose.int, lambda lanes, lane_args, axis: (lanes[0].args, {}, axis))
+    omodel = otter.insert(tiny_llama, SPEC)
+    with caplog.at_level("WARNING", logger="otter_surgery.stepper"):
+        merged, got = _step_outputs(omodel, "one", False, True)
+    plain, want = _step_outputs(omodel, "one", False, False)
+    assert merged.ops_saved == 0 and "changed its outputs" in caplog.text
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
