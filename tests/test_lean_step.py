@@ -80,7 +80,10 @@ def _step_outputs(omodel, kind, masked, lean, seed=0):
               else torch.randn(x.shape, generator=gen).to(x.dtype)
               for i, x in enumerate(g.example_inputs(kind, masked, rows=3))]
     with torch.no_grad():
-        return g, g.gm(*inputs)
+        got = g.gm(*inputs)
+        lifted = g.run(*inputs)  # what decoding calls: the weights passed as inputs (passes/lift_attrs.py)
+    assert all(torch.equal(a, b) for a, b in zip(got, lifted))
+    return g, got
 
 
 @pytest.mark.parametrize("arch,dtype", [("llama", torch.float32), ("qwen3", torch.bfloat16), ("phi3", torch.float32),
