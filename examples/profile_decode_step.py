@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import otter_surgery as otter  # noqa: E402
 from otter_surgery.real_model import load_smollm2  # noqa: E402
 from otter_surgery.capture import capture_step  # noqa: E402
+from otter_surgery.passes.direct_dispatch import direct_dispatch  # noqa: E402
 from otter_surgery.passes.drop_no_ops import drop_no_ops  # noqa: E402
 from otter_surgery.passes.lift_attrs import lift_attrs, resolve  # noqa: E402
 from otter_surgery.stepper import decoder  # noqa: E402
@@ -80,7 +81,7 @@ def main() -> None:
             past.crop(-1)
 
         # The base's own captured step graph, lowered as the Otter step is (no-op nodes dropped, weights passed
-        # as inputs): the same
+        # as inputs, kernels called directly): the same
         # executor for both, so "Otter step / base graph" is the side-car's cost alone.
         plain = capture_step(base, kind="one", masked=False)
         one = dec.graph("one", masked=False)
@@ -88,6 +89,7 @@ def main() -> None:
         ShapeProp(plain.graph_module).propagate(*example)
         drop_no_ops(plain.graph_module)
         lifted, targets = lift_attrs(plain.graph_module)
+        direct_dispatch(lifted)
         weights = [resolve(plain.graph_module, t) for t in targets]
         step_args = (ids[:, :1], torch.ones(1, 33, dtype=torch.long), torch.full((1, 1), 32), *state.cache, *weights)
 

@@ -23,6 +23,7 @@ from .errors import CaptureError, OtterError
 from .graph_utils import get_attr_tensor
 from .model import OtterModel
 from .passes.merge_side_gemms import GemmStore, merge_side_gemms
+from .passes.direct_dispatch import direct_dispatch
 from .passes.drop_no_ops import drop_no_ops
 from .passes.lift_attrs import lift_attrs, resolve
 from .passes.merge_sibling_chains import merge_sibling_chains
@@ -136,6 +137,7 @@ class _StepGraph:
         if lean:
             self._make_lean(kind, masked)
         self.lifted, self.attr_targets = lift_attrs(self.gm)
+        direct_dispatch(self.lifted)
         self.run = self._call_lifted
         self.bind()
 
