@@ -26,7 +26,7 @@ def direct_dispatch(gm: fx.GraphModule) -> fx.GraphModule:
         text = match.group(0)
         if text not in bound:
             op = getattr(getattr(getattr(torch.ops, match.group(1)), match.group(2), None), match.group(3), None)
-            if not isinstance(op, torch._ops.OpOverload):
+            if type(op) is not torch._ops.OpOverload:  # subclasses (TorchBind ops) have a __call__ of their own
                 return text
             bound[text] = f"_kernel{len(bound)}"
             env[bound[text]] = op._op
