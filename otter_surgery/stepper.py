@@ -186,13 +186,17 @@ class _StepGraph:
         if kind == "recompute":
             return [ids, mask, positions]
         past = [torch.zeros(rows, h, past_len, d, dtype=self.dtype, device=device) for h, d in self.cache_shapes]
+        return [ids, mask, positions, *past, *self.inserted_zeros(past)]
+
+    def inserted_zeros(self, past: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The inserted heads' cache inputs (zeros) beside `past`, in the order the graph takes them."""
         inserted = []
         for i in self.inserted_order:
             axis, size = next((a, s) for j, a, s in self.layout if j == i)
             shape = list(past[i].shape)
             shape[axis] = size
             inserted.append(past[i].new_zeros(shape))
-        return [ids, mask, positions, *past, *inserted]
+        return inserted
 
 
 def _projections_out(gm: fx.GraphModule, ctx) -> dict[str, torch.Tensor]:
@@ -340,13 +344,7 @@ class CachedDecoder:
             else:
                 positions = _positions(mask)
             want, *_ = want_step(ids, mask, positions, past)
-            inserted = []
-            for i in g.inserted_order:
-                axis, size = next((a, s) for j, a, s in g.layout if j == i)
-                shape = list(past[i].shape)
-                shape[axis] = size
-                inserted.append(past[i].new_zeros(shape))
-            got = run(ids, mask, positions, *past, *inserted)[0]
+            got = run(ids, mask, positions, *past, *g.inserted_zeros(past))[0]
         if not bits_equal(got, want):
             raise OtterError("internal error: the rewritten decode step's logits differ from the base model's "
                              f"cached step ({kind} step, "
