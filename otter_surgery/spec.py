@@ -9,6 +9,7 @@ SIGNALS = ("reward", "calibration", "medusa")
 INITS = ("copy", "normal", "random")
 VOCAB_HEADS = ("tied", "full")
 NORM_STATS = ("wide", "original")
+MEDUSA_READS = ("next_token", "hidden")
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,10 @@ class InsertSpec:
                  so training is stable at high learning rates; "original": the original dims' statistics only
                  (the paper's variant; nothing bounds e as it grows). Original dims always use their own
                  statistics: the base logits are bit-identical either way.
+    medusa_reads: what each medusa head reads. "next_token" (default): [h ; e] and the output-matrix row of
+                 the base's own next token (the argmax of its logits at that position) — at decode time that
+                 token is the one the base emits before the drafts, so the heads predict t+2.. knowing t+1,
+                 as EAGLE/Hydra feed the token in; "hidden": [h ; e] only (Medusa-1's heads).
     """
 
     extra_dim: int = 64
@@ -50,6 +55,7 @@ class InsertSpec:
     seed: int = 0
     vocab_heads: str = "tied"
     norm_stats: str = "wide"
+    medusa_reads: str = "next_token"
 
     def __post_init__(self) -> None:
         for name in ("extra_dim", "extra_heads", "extra_ffn", "n_rewards", "n_medusa", "seed"):
@@ -73,6 +79,8 @@ class InsertSpec:
             raise SpecError("vocab_heads", f"must be one of {VOCAB_HEADS}, got {self.vocab_heads!r}")
         if self.norm_stats not in NORM_STATS:
             raise SpecError("norm_stats", f"must be one of {NORM_STATS}, got {self.norm_stats!r}")
+        if self.medusa_reads not in MEDUSA_READS:
+            raise SpecError("medusa_reads", f"must be one of {MEDUSA_READS}, got {self.medusa_reads!r}")
         if self.init not in INITS:
             raise SpecError("init", f"must be one of {INITS}, got {self.init!r}")
 
@@ -91,4 +99,5 @@ class InsertSpec:
         if isinstance(d.get("signal"), list):
             d["signal"] = tuple(d["signal"])
         d.setdefault("norm_stats", "original")  # adapters written before the field were trained that way
+        d.setdefault("medusa_reads", "hidden")  # likewise
         return cls(**d)

@@ -4,7 +4,10 @@ Invariant: the graph's first output is still the original logits node; the heads
 before the graph's other original outputs (a decode step's updated KV cache), which keep their order.
 - reward: n_rewards scalars per position (a value head with bias) -> [batch, seq] or [batch, seq, n];
 - calibration: vocab-sized calibration logits (DExperts-style), no bias;
-- medusa: n_medusa vocab-sized future-token heads -> [batch, seq, n_medusa, vocab].
+- medusa: n_medusa vocab-sized future-token heads -> [batch, seq, n_medusa, vocab]; with medusa_reads
+  "next_token" they also read the output-matrix row of argmax(logits) — the base's own next token, which a
+  greedy decoder emits before the drafts — so head k predicts token t+k+2 knowing t+1 (a read of the original
+  logits, never a write: they stay the first output, untouched).
 Vocab-sized heads are "tied" by default: a trainable projection of [h ; e] to the model width, read out through
 the logits linear's own (frozen, shared) weight, as a tied lm_head is; "full" gives each its own matrix.
 """
@@ -56,7 +59,8 @@ class SignalHeads(PassBase):
                 y = self._vocab_head(x, "calibration_head", 1, d, width, copy=False)
             else:
                 k = ctx.spec.n_medusa
-                y = ctx.emit(aten.unflatten.int, (self._vocab_head(x, "medusa_heads", k, d, width, copy=True), -1,
+                xm, wm = (self._with_next_token(x, logits), width + d) if ctx.spec.medusa_reads == "next_token" else (x, width)
+                y = ctx.emit(aten.unflatten.int, (self._vocab_head(xm, "medusa_heads", k, d, wm, copy=True), -1,
                                                   [k, int(shape(logits)[-1])]))
             ctx.signal_nodes[signal] = y
         out.args = ((logits, *ctx.signal_nodes.values(), *self.rest),)
@@ -64,19 +68,29 @@ class SignalHeads(PassBase):
         gm.recompile()
         return PassResult(gm, True)
 
+    def _with_next_token(self, x: fx.Node, logits: fx.Node) -> fx.Node:
+        """[x ; W_out[argmax(logits)]]: the output matrix's row of the base's greedy next token at each position
+        (generic: every model has the logits linear; for a tied model it is the input embedding)."""
+        ctx = self.ctx
+        info = ctx.analysis.linears[ctx.analysis.logits_linear]
+        rows = ctx.emit(aten.t.default, (info.weight,)) if info.transposed else info.weight  # [vocab, d]
+        token = ctx.emit(aten.argmax.default, (logits, -1))
+        return ctx.emit(aten.cat.default, ([x, ctx.emit(aten.embedding.default, (rows, token))], -1))
+
     def _vocab_head(self, x: fx.Node, name: str, k: int, d: int, width: int, copy: bool) -> fx.Node:
         """k vocab-sized heads on x = [h ; e] -> [..., k * vocab]. Tied: per head a projection to the model
         width (with copy init the identity on h: the head starts as the model's own next-token head, as
         Medusa-1 starts its heads from the lm_head), then the logits linear's weight, shared and frozen."""
         ctx = self.ctx
-        dtype, device = val(x.args[0][0]).dtype, val(x.args[0][0]).device
+        hidden = val(ctx.analysis.final_hidden)
+        dtype, device = hidden.dtype, hidden.device
         info = ctx.analysis.linears[ctx.analysis.logits_linear]
         vocab = info.out_features
         if ctx.spec.vocab_heads == "full":
             w = ctx.new_param(f"{name}.weight", inits.head(k * vocab, width, ctx.generator), dtype, device)
             return ctx.emit(aten.linear.default, (x, w))
         if copy and ctx.spec.init == "copy":
-            proj = torch.eye(d, width).repeat(k, 1)
+            proj = torch.eye(d, width).repeat(k, 1)  # identity on h, zeros on e (and on the token row)
         else:
             proj = inits.head(k * d, width, ctx.generator)
         p = ctx.new_param(f"{name}.projection", proj, dtype, device)

@@ -150,3 +150,38 @@ def test_decode_steps_read_the_medusa_heads_out_at_one_position(medusa_model):
                             attention_mask=torch.cat([mask, torch.ones_like(chain)], 1)).medusa
     for p in range(4):
         torch.testing.assert_close(vout.medusa_logits(torch.full((2,), p)), full[:, ids.shape[1] + p])
+
+
+def test_medusa_heads_read_the_row_of_the_bases_next_token(tiny_llama):
+    """medusa_reads="next_token": the projection's last d columns read W_out[argmax(logits)] at each position.
+    With them zero the heads are the "hidden" heads (same seed, same other parameters); set to Q, head k's
+    logits move by exactly W_out @ Q_k @ W_out[argmax] — so the row read is the base's own next token."""
+    spec = otter.InsertSpec(extra_dim=8, extra_heads=3, extra_ffn=8, signal="medusa", n_medusa=2, init="normal")
+    plain = otter.insert(tiny_llama, spec.__class__(**{**spec.to_dict(), "medusa_reads": "hidden"}))
+    reads = otter.insert(tiny_llama, spec)
+    p_plain = plain.inserted_parameters()["medusa_heads.projection"]
+    p_reads = reads.inserted_parameters()["medusa_heads.projection"]
+    d = tiny_llama.config.hidden_size
+    assert p_reads.shape == (p_plain.shape[0], p_plain.shape[1] + d)
+    ids, mask = _batch()
+    with torch.no_grad():
+        p_reads.copy_(torch.cat([p_plain, torch.zeros(p_plain.shape[0], d)], 1))
+        want = plain(input_ids=ids, attention_mask=mask)
+        got = reads(input_ids=ids, attention_mask=mask)
+        assert torch.equal(got.logits, want.logits)
+        torch.testing.assert_close(got.medusa, want.medusa)
+        q = torch.randn(p_plain.shape[0], d, generator=torch.Generator().manual_seed(1))
+        p_reads[:, p_plain.shape[1]:] = q
+        moved = reads(input_ids=ids, attention_mask=mask)
+        w_out = tiny_llama.lm_head.weight
+        row = w_out[want.logits.argmax(-1)]  # [batch, seq, d]
+        shift = torch.einsum("bsd,kfd->bskf", row, q.view(2, d, d)) @ w_out.t()
+        torch.testing.assert_close(moved.medusa - want.medusa, shift, rtol=1e-4, atol=1e-4)
+        assert not torch.allclose(moved.medusa, want.medusa)
+
+
+def test_adapters_written_before_medusa_reads_load_as_hidden_heads():
+    old = {k: v for k, v in SPEC.to_dict().items() if k != "medusa_reads"}
+    assert otter.InsertSpec.from_dict(old).medusa_reads == "hidden"
+    with pytest.raises(otter.SpecError, match="medusa_reads"):
+        otter.InsertSpec(medusa_reads="tokens")
