@@ -156,6 +156,38 @@ def medusa1_generate(model, heads: Medusa1Heads, ids, mask, new: int) -> tuple[t
 
 
 # ---------------------------------------------------------------------------------------------- timing
+def verify_costs(omodel, model, prompt: list[int], positions=(1, 2, 3, 4, 8, 16), repeats: int = 9) -> list[dict]:
+    """What checking P drafted positions costs on this machine: one cached forward of P new tokens after the
+    prompt, Otter's verify step and the base's own (transformers, DynamicCache), interleaved, medians. The
+    speed-up of any draft/verify scheme is (tokens per verify) x (greedy ms/token) / (verify ms), so these set
+    how many tokens each verify must yield to break even, or to reach 1.5x."""
+    import copy
+
+    from otter_surgery.stepper import decoder
+    dec = decoder(omodel)
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        _, state = dec.start(ids, torch.ones_like(ids))
+        cache = model(input_ids=ids, use_cache=True).past_key_values
+        rows = []
+        for p in positions:
+            new = torch.randint(100, 1000, (1, p), generator=torch.Generator().manual_seed(p))
+            otter_ms, hf_ms = [], []
+            for r in range(repeats + 1):
+                t0 = time.perf_counter()
+                dec.step(new, state) if p == 1 else dec.verify(new, state)
+                t1 = time.perf_counter()
+                c = copy.deepcopy(cache)
+                t2 = time.perf_counter()
+                model(input_ids=new, past_key_values=c, use_cache=True)
+                t3 = time.perf_counter()
+                if r:  # the first pass warms up (Otter builds each step graph on first use)
+                    otter_ms.append(1000 * (t1 - t0))
+                    hf_ms.append(1000 * (t3 - t2))
+            rows.append({"positions": p, "otter_ms": statistics.median(otter_ms), "hf_ms": statistics.median(hf_ms)})
+    return rows
+
+
 class ForwardCounter:
     """Counts calls of a module's forward (transformers' generate: one per step)."""
 
@@ -297,6 +329,15 @@ def main() -> None:
     params_c = sum(p.numel() for p in heads.parameters())
     del hidden
 
+    costs = verify_costs(omodel, base, test_texts[0][:len(test_p[0]) + 32])
+    hf1 = costs[0]["hf_ms"]
+    print(f"{'positions':>9}{'Otter ms':>10}{'HF ms':>8}{'tokens/verify to break even':>29}{'for 1.5x':>10}"
+          "   (vs HF one-token step)")
+    for c in costs:
+        c["break_even_tokens"], c["tokens_for_1_5x"] = c["otter_ms"] / hf1, 1.5 * c["otter_ms"] / hf1
+        print(f"{c['positions']:>9}{c['otter_ms']:>10.1f}{c['hf_ms']:>8.1f}{c['break_even_tokens']:>29.2f}"
+              f"{c['tokens_for_1_5x']:>10.2f}")
+
     counter = ForwardCounter(base)
     results = []
     for batch in [int(b) for b in args.batches.split(",")]:
@@ -333,7 +374,7 @@ def main() -> None:
                           "top1_before": before_c, "head_top1": acc_c, "extra_parameters": params_c,
                           "recipe": "lm_head(h + SiLU(W h + b)), W zero-init, frozen shared lm_head, last hidden "
                                     "state (after the final norm) of the frozen base"},
-              "decoding": results}
+              "verify_costs": costs, "decoding": results}
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(report, f, indent=1)
