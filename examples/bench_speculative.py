@@ -125,7 +125,9 @@ def _positions(mask: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def medusa1_generate(model, heads: Medusa1Heads, ids, mask, new: int) -> tuple[torch.Tensor, dict]:
-    """Draft / verify / accept-longest-prefix with the base model and its own KV cache (no EOS stop)."""
+    """Draft / verify / accept-longest-prefix with the base model and its own KV cache (no EOS stop); each row
+    keeps its own accepted drafts (the rejected ones of a row that accepted fewer are masked out of the cache and
+    skipped by the position ids, as otter.generate does). verifies counts row-verifies, as Otter's stats do."""
     rows, n = ids.shape[0], len(heads.blocks)
     row_ids = torch.arange(rows)
     with torch.no_grad():
@@ -135,8 +137,9 @@ def medusa1_generate(model, heads: Medusa1Heads, ids, mask, new: int) -> tuple[t
         h = out.last_hidden_state[:, -1]
         nxt = model.lm_head(h).argmax(-1)
         drafts = heads.draft(h)
-        tokens, verifies, accepted = [], 0, 0
-        while len(tokens) < new:
+        out_ids, count, verifies, accepted = ids.new_zeros(rows, new), [0] * rows, 0, 0
+        while min(count) < new:
+            active = torch.tensor([c < new for c in count])
             chain = torch.cat([nxt[:, None], drafts], 1)
             length = mask.shape[1]
             mask = torch.cat([mask, mask.new_ones(rows, 1 + n)], 1)
@@ -144,15 +147,20 @@ def medusa1_generate(model, heads: Medusa1Heads, ids, mask, new: int) -> tuple[t
                               past_key_values=cache, use_cache=True)
             hs = out.last_hidden_state
             pred = model.lm_head(hs).argmax(-1)
-            accept = int((pred[:, :n] == drafts).long().cumprod(1).sum(1).min())
-            verifies, accepted = verifies + 1, accepted + accept
-            tokens += list(chain[:, :1 + accept].unbind(1))[:new - len(tokens)]
-            if accept < n:  # transformers 5: crop(-m) drops the last m positions
-                cache.crop(accept - n)
-            mask = mask[:, :length + 1 + accept]
-            nxt = pred[row_ids, accept]
-            drafts = heads.draft(hs[:, accept])
-    return torch.cat([ids, torch.stack(tokens, 1)], 1), {"verifies": verifies, "accepted": accepted}
+            match = torch.where(active, (pred[:, :n] == drafts).long().cumprod(1).sum(1), 0)
+            keep = int(match.max())  # each row keeps its own drafts; the others' are masked out (as Otter does)
+            verifies, accepted = verifies + int(active.sum()), accepted + int(match.sum())
+            for r in range(rows):
+                for tok in chain[r, :1 + int(match[r])].tolist()[:new - count[r]]:
+                    out_ids[r, count[r]] = tok
+                    count[r] += 1
+            if keep < n:  # transformers 5: crop(-m) drops the last m positions
+                cache.crop(keep - n)
+            mask = mask[:, :length + 1 + keep].clone()
+            mask[:, length + 1:] = mask[:, length + 1:].masked_fill(torch.arange(keep)[None] >= match[:, None], 0)
+            nxt = pred[row_ids, match]
+            drafts = heads.draft(hs[row_ids, match])
+    return torch.cat([ids, out_ids], 1), {"verifies": verifies, "accepted": accepted}
 
 
 # ---------------------------------------------------------------------------------------------- timing

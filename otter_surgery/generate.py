@@ -22,7 +22,7 @@ Guides (each reads a signal of the same forward that gives the next-token logits
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -353,33 +353,57 @@ def _decode_speculative(omodel, input_ids, mask, max_new_tokens, guide: Speculat
         readout = out.readouts.get("medusa")
         sub = readout[vocab] if vocab is not None and readout is not None else None  # gathered once
         drafts = _draft(out, torch.full((rows,), out.logits.shape[1] - 1, device=input_ids.device), n, vocab, sub)
-        tokens: list[torch.Tensor] = []
-        unfinished = torch.ones(rows, dtype=torch.bool, device=input_ids.device)
-        while len(tokens) < max_new_tokens and bool(unfinished.any()):
+        # Each row keeps its own accepted drafts. The cache keeps the longest any row accepted; a row that
+        # accepted fewer masks its rejected entries out (a hole, like left padding, mid-sequence) and moves its
+        # position back, so its next tokens see exactly its accepted tokens at their own positions. Decoders
+        # without explicit positions (plain decoders, re-run over the whole sequence) keep the smallest count.
+        per_row = bool(dec.cached)
+        out_ids = torch.full((rows, max_new_tokens), pad if pad is not None else 0, dtype=input_ids.dtype,
+                             device=input_ids.device)
+        count = [0] * rows
+        finished = [False] * rows
+        row_verifies = 0
+        eos_ids = set(eos.tolist())
+        while not all(f or c == max_new_tokens for f, c in zip(finished, count)):
+            active = torch.tensor([not f and c < max_new_tokens for f, c in zip(finished, count)],
+                                  device=input_ids.device)
             chain = torch.cat([nxt[:, None], drafts], 1)  # [rows, 1 + n]
             length = state.mask.shape[1]
             vout, vstate = dec.verify(chain, state)
             forwards, verifies = forwards + 1, verifies + 1
             pred = vout.logits.float().argmax(-1)  # pred[:, i]: the base's token after chain[:, :i + 1]
             match = (pred[:, :n] == drafts).long().cumprod(1).sum(1)  # drafts each row accepts, in order
-            accept = int(match[unfinished].min())  # rows keep the same count: caches stay aligned
-            accepted_total += accept
-            for tok in chain[:, :1 + accept].unbind(1):
-                if len(tokens) == max_new_tokens or not bool(unfinished.any()):
-                    break
-                if pad is not None:
-                    tok = torch.where(unfinished, tok, torch.full_like(tok, pad))
-                tokens.append(tok)
-                if eos.numel():
-                    unfinished &= ~torch.isin(tok, eos)
-            state = vstate.truncate(length + 1 + accept)
-            nxt = pred[row_ids, accept]
-            drafts = _draft(vout, torch.full((rows,), accept, device=input_ids.device), n, vocab, sub)
+            if not per_row:  # rows keep the same count: caches stay aligned
+                match = torch.full_like(match, int(match[active].min()))
+            match = torch.where(active, match, match.new_zeros(()))
+            keep = int(match.max())
+            accepted_total += int(match[active].sum())
+            row_verifies += int(active.sum())
+            for r in range(rows):
+                if not bool(active[r]):
+                    continue
+                for tok in chain[r, :1 + int(match[r])].tolist():
+                    out_ids[r, count[r]] = tok
+                    count[r] += 1
+                    if tok in eos_ids:
+                        finished[r] = True
+                    if finished[r] or count[r] == max_new_tokens:
+                        break
+            state = vstate.truncate(length + 1 + keep)
+            if per_row and bool((match < keep).any()):
+                slot = torch.arange(keep, device=input_ids.device)
+                hole = slot[None, :] >= match[:, None]  # [rows, keep]: drafts this row rejected
+                mask = state.mask.clone()
+                mask[:, length + 1:] = mask[:, length + 1:].masked_fill(hole, 0)
+                state = replace(state, mask=mask, last_position=state.last_position - (keep - match)[:, None])
+            nxt = pred[row_ids, match]
+            drafts = _draft(vout, match, n, vocab, sub)
     seconds = time.perf_counter() - t0
     base_bytes, inserted_bytes = state.cache_bytes()
-    stats = {"forwards": forwards, "new_tokens": len(tokens), "seconds": seconds, "cached": dec.cached,
-             "cache_bytes": base_bytes, "inserted_cache_bytes": inserted_bytes, "drafted": verifies * n,
-             "accepted": accepted_total, "mean_accepted_length": (accepted_total + verifies) / max(verifies, 1),
-             "forwards_per_token": forwards / max(len(tokens), 1)}
-    sequences = torch.cat([input_ids, torch.stack(tokens, 1)], 1)
+    stats = {"forwards": forwards, "new_tokens": max(count), "seconds": seconds, "cached": dec.cached,
+             "cache_bytes": base_bytes, "inserted_cache_bytes": inserted_bytes, "drafted": row_verifies * n,
+             "accepted": accepted_total, "verifies": verifies,
+             "mean_accepted_length": (accepted_total + row_verifies) / max(row_verifies, 1),
+             "forwards_per_token": forwards / max(max(count), 1)}
+    sequences = torch.cat([input_ids, out_ids[:, :max(count)]], 1)
     return GenerateOutput(sequences, None, stats=stats)

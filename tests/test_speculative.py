@@ -185,3 +185,44 @@ def test_adapters_written_before_medusa_reads_load_as_hidden_heads():
     assert otter.InsertSpec.from_dict(old).medusa_reads == "hidden"
     with pytest.raises(otter.SpecError, match="medusa_reads"):
         otter.InsertSpec(medusa_reads="tokens")
+
+
+@pytest.mark.parametrize("wrong", [(None, 0, 2), (1, None, 0), (2, 0, None)])
+def test_rows_keep_their_own_accepted_drafts(medusa_model, monkeypatch, wrong):
+    """Rows of a batch accept different numbers of drafts (oracle drafts, wrong at a different place per row):
+    each keeps its own, the others' extra cache entries are masked out as holes, and every row's tokens are
+    still the greedy ones; the mean accepted length is the rows' own, not the smallest row's."""
+    omodel = medusa_model
+    ids, mask = _batch(3, seed=7)
+    new = 14
+    # long enough for a finished row's pointer, which still moves one per verify
+    want = otter.generate(omodel, ids, attention_mask=mask, max_new_tokens=3 * new, eos_token_id=[]).sequences
+    at = {"nxt": None}
+
+    def draft(out, position, n, *vocab):
+        # the index in `want` of each row's greedy token before these drafts: the prompt end at first, then
+        # the last one plus the row's accepted drafts plus one
+        at["nxt"] = torch.full((3,), ids.shape[1]) if at["nxt"] is None else at["nxt"] + 1 + position
+        d = torch.stack([want[r, at["nxt"][r] + 1:at["nxt"][r] + 1 + n] for r in range(3)])
+        for r, w in enumerate(wrong):
+            if w is not None:
+                d[r, w] = (d[r, w] + 1) % 61
+        return d
+
+    monkeypatch.setattr(gen, "_draft", draft)
+    got = otter.generate(omodel, ids, attention_mask=mask, max_new_tokens=new, eos_token_id=[], guide=otter.Speculative())
+    assert torch.equal(got.sequences, want[:, :ids.shape[1] + new]), wrong
+    per_row = [3 if w is None else w for w in wrong]
+    assert got.stats["mean_accepted_length"] > 1 + min(per_row) + 0.4  # not the smallest row's count
+    assert got.stats["forwards"] <= 1 + -(-new // (1 + min(per_row)))
+
+
+def test_rows_stop_at_eos_and_are_padded_as_greedy_pads_them(medusa_model):
+    ids, mask = _batch(3, seed=11)
+    free = otter.generate(medusa_model, ids, attention_mask=mask, max_new_tokens=12, eos_token_id=[]).sequences
+    eos = int(free[1, ids.shape[1] + 3])  # a token row 1 emits early: it (and maybe others) stops there
+    want = otter.generate(medusa_model, ids, attention_mask=mask, max_new_tokens=12, eos_token_id=[eos], pad_token_id=0)
+    got = otter.generate(medusa_model, ids, attention_mask=mask, max_new_tokens=12, eos_token_id=[eos], pad_token_id=0,
+                         guide=otter.Speculative())
+    assert torch.equal(got.sequences, want.sequences)
+    assert (want.sequences[1, ids.shape[1] + 4:] == 0).all() or want.sequences.shape[1] < free.shape[1]
