@@ -64,8 +64,9 @@ class Calibrated:
 class Speculative:
     """Medusa-style speculative decoding with the inserted `medusa` heads: the heads draft the next tokens,
     one cached forward over [greedy token, drafts] checks them all, and the longest prefix that matches the
-    base's own argmax is kept (rows of a batch keep the same number, the smallest any row accepted, so their
-    caches stay aligned); the rejected positions are rolled back. Greedy only. n_draft: heads to use
+    base's own argmax is kept, each row its own (the cache keeps the longest; a row that accepted fewer masks
+    its rejected positions out, as left padding is, so its later tokens never see them; plain decoders without
+    a KV cache keep the smallest count); the rejected positions are rolled back. Greedy only. n_draft: heads to use
     (None: all of InsertSpec.n_medusa). draft_vocab: token ids the heads may draft (e.g. the most frequent
     tokens of your text, as FR-Spec does): the heads read out only those rows of the output matrix, a fraction
     of the vocab x d product per step; a token outside it is simply never drafted. The output is the same
