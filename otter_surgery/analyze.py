@@ -19,7 +19,7 @@ import networkx as nx
 import torch.fx as fx
 
 from .errors import SpecError, UnsupportedGraphError, module_path
-from .graph_utils import concrete_size, get_attr_tensor, numeric_shape, op_name, product, reshape_groups, shape, val
+from .graph_utils import concrete_size, get_attr_tensor, ndim, numeric_shape, op_name, product, reshape_groups, shape, val
 from .moe import find_regions
 from .ops import LinearInfo, is_op, linear_info
 from .spec import InsertSpec
@@ -100,9 +100,14 @@ class Analysis:
             for u in n.users:
                 if val(u) is None:
                     continue
-                # Elementwise ops, norms (post-LN blocks) and reshapes of the token axes only (OPT's FFN).
-                keeps_width = is_op(u, "reshape", "norm") and shape(u)[-1] == shape(n)[-1]
-                if is_op(u, "elementwise") or keeps_width:
+                # Elementwise ops, norms (post-LN blocks) and reshapes of the token axes only (OPT's FFN); new
+                # leading axes over the same features (hyper-connection streams [b, s, N, d]).
+                keeps_width = is_op(u, "reshape", "norm", "broadcast") and shape(u)[-1] == shape(n)[-1]
+                # A matmul with the stream as its right operand mixes the stream's rows and keeps its features
+                # (hyper-connections' comb^T @ streams over [.., N, d]).
+                mixes_rows = (is_op(u, "matmul") and len(u.args) > 1 and u.args[1] is n and u.args[0] is not n
+                              and ndim(n) >= 2 and shape(u)[-1] == shape(n)[-1])
+                if is_op(u, "elementwise") or keeps_width or mixes_rows:
                     todo.append(u)
         return seen
 
@@ -121,6 +126,11 @@ class Analysis:
         while todo:
             n, split = todo.pop(0)
             for u in n.users:
+                if self._coefficient(n, u):
+                    # A coefficient of what it multiplies (hyper-connections' per-stream pre/post weights
+                    # [.., N, 1] * [.., N, d] and stream mixing comb^T @ streams, a per-token scalar gate):
+                    # whatever that product feeds, this output is no part of it, so it gets no role from it.
+                    continue
                 if is_op(u, "attention") and split:  # before `seen`: q, k, v of a fused output meet here
                     found.append(Role("heads", *split, operands=frozenset({self._operand(u, n)})))
                     continue
@@ -177,6 +187,17 @@ class Analysis:
                 return replace(first, operands=frozenset().union(*(r.operands for r in same)),
                                group_heads=min(r.heads for r in same))
         return Role("none")
+
+    def _coefficient(self, n: fx.Node, u: fx.Node) -> bool:
+        """`n` only weighs what `u` computes: it broadcasts along the feature (last) axis of the elementwise op
+        `u`, or it is the left operand of a matmul that mixes the residual stream's rows (the stream being
+        the right operand)."""
+        if val(n) is None or val(u) is None or not shape(n) or not shape(u):
+            return False
+        if is_op(u, "matmul"):
+            return u in self.residual and u.args[0] is n and u.args[1] is not n
+        return (is_op(u, "elementwise") and numeric_shape([shape(n)[-1]])[0] == 1
+                and numeric_shape([shape(u)[-1]])[0] != 1)
 
     @staticmethod
     def _heads_split(node: fx.Node, src: fx.Node, split: tuple) -> tuple:

@@ -697,6 +697,8 @@ def batched_matmul(ctx: Context, node: fx.Node) -> Comp | None:
     bias = node.args[0] if op_name(node) == "baddbmm" else None  # baddbmm(bias, a, b): ALiBi + q @ k^T
     a, b = node.args[1:3] if bias is not None else node.args[:2]
     ca, cb = ctx.comps.get(a), ctx.comps.get(b)
+    if bias is None and (ca is None) != (cb is None):
+        return _free_axis_matmul(ctx, node, a, b, ca, cb)
     if ca is None or cb is None:
         _fail(node, "a matmul between a tensor with inserted heads and one without")
     nd = ndim(node)
@@ -716,6 +718,20 @@ def batched_matmul(ctx: Context, node: fx.Node) -> Comp | None:
         bias_e = _copied_units(ctx, bias, b_ax, ca)  # a per-head bias: inserted heads take their copies'
     args = (bias_e, ca.node, cb.node, *node.args[3:])
     return replace(ca, node=ctx.emit(node.target, args, dict(node.kwargs)), axis=axis)
+
+
+def _free_axis_matmul(ctx: Context, node: fx.Node, a: fx.Node, b: fx.Node, ca: Comp | None, cb: Comp | None) -> Comp:
+    """a @ b where only one operand carries inserted dims, on an axis the product does not contract: the
+    columns of b (hyper-connections' comb^T @ streams, [.., N, N] @ [.., N, d] with the inserted dims on d) or
+    the rows of a. Each inserted column (row) is combined by the other operand as every original one is, so
+    the companion is the same product over the companion; the other operand never meets inserted dims."""
+    c, src = (cb, b) if cb is not None else (ca, a)
+    free = ndim(src) - 1 if cb is not None else ndim(src) - 2
+    if c.outer or c.sizes is not None or ndim(src) < 2 or c.axis != free:
+        _fail(node, "a matmul between a tensor with inserted dims and one without, which contracts them or "
+                    "carries them on a batch axis")
+    args = (a, c.node) if cb is not None else (c.node, b)
+    return replace(c, node=ctx.emit(node.target, args), axis=ndim(node) - (1 if cb is not None else 2))
 
 
 # -- linear maps: the block matrix [[W, 0], [A, B]] in side-car form ----------------------------------
