@@ -1,10 +1,13 @@
 """Analyze: facts about the captured decoder, read from its graph (dataflow, shapes, targets) alone.
 
 The dataflow is a networkx DiGraph over fx nodes. From it the analysis finds
-- the residual stream: everything reachable from the embeddings through width-preserving elementwise ops;
+- the residual stream: everything reachable from the embeddings through width-preserving elementwise ops (and
+  layout ops that keep the feature axis, and matmuls that mix the stream's rows: hyper-connections' N parallel
+  streams [b, s, N, d] are the stream too);
 - the *role* of each parameterised linear's output dim, by walking forward to what consumes it:
   `residual` (added back into the stream: o-proj, down-proj), `heads` (split by a view into heads of
-  an attention: q/k/v, fused qkv), `ffn` (read by another linear: gate/up, fused gate_up), `none` (lm_head);
+  an attention: q/k/v, fused qkv), `ffn` (read by another linear: gate/up, fused gate_up), `none` (lm_head,
+  and coefficients that only weigh what they multiply: hyper-connections' pre/post/comb);
 - the final hidden state (the input of the linear that produces the logits).
 No model_type switches: a new architecture needs new op rules at most, never a new branch here.
 """
