@@ -129,10 +129,9 @@ class Analysis:
         while todo:
             n, split = todo.pop(0)
             for u in n.users:
-                if self._coefficient(n, u):
-                    # A coefficient of what it multiplies (hyper-connections' per-stream pre/post weights
-                    # [.., N, 1] * [.., N, d] and stream mixing comb^T @ streams, a per-token scalar gate):
-                    # whatever that product feeds, this output is no part of it, so it gets no role from it.
+                if self._mixes_stream(n, u):
+                    # the mixing weights of a matmul over the stream's rows (hyper-connections' comb^T @ streams):
+                    # whatever the product feeds, this output only weighs it, so it gets no role from it
                     continue
                 if is_op(u, "attention") and split:  # before `seen`: q, k, v of a fused output meet here
                     found.append(Role("heads", *split, operands=frozenset({self._operand(u, n)})))
@@ -153,6 +152,10 @@ class Analysis:
                     # A gate on the attention output (afmoe, laguna: attn * sigmoid(gate(x))): laid out like
                     # that output, one unit per head, so its inserted rows gate the inserted heads.
                     found.append(Role("heads", gated, out // gated, operands=frozenset({"gate"})))
+                    continue
+                if not gated and self._scales_features(n, u):
+                    # a coefficient broadcast over the features of what it multiplies (hyper-connections'
+                    # per-stream pre/post weights [.., N, 1] * [.., N, d], a per-token scalar gate): as above
                     continue
                 info = self.linears.get(u)
                 if info is not None and info.x is n:
@@ -191,16 +194,17 @@ class Analysis:
                                group_heads=min(r.heads for r in same))
         return Role("none")
 
-    def _coefficient(self, n: fx.Node, u: fx.Node) -> bool:
-        """`n` only weighs what `u` computes: it broadcasts along the feature (last) axis of the elementwise op
-        `u`, or it is the left operand of a matmul that mixes the residual stream's rows (the stream being
-        the right operand)."""
-        if val(n) is None or val(u) is None or not shape(n) or not shape(u):
+    def _mixes_stream(self, n: fx.Node, u: fx.Node) -> bool:
+        """`n` is the left operand of a matmul `u` that mixes the residual stream's rows (the stream being the
+        right operand)."""
+        return is_op(u, "matmul") and u in self.residual and u.args[0] is n and u.args[1] is not n
+
+    @staticmethod
+    def _scales_features(n: fx.Node, u: fx.Node) -> bool:
+        """`n` broadcasts along the feature (last) axis of the elementwise op `u` that reads it."""
+        if not is_op(u, "elementwise") or val(n) is None or val(u) is None or not shape(n) or not shape(u):
             return False
-        if is_op(u, "matmul"):
-            return u in self.residual and u.args[0] is n and u.args[1] is not n
-        return (is_op(u, "elementwise") and numeric_shape([shape(n)[-1]])[0] == 1
-                and numeric_shape([shape(u)[-1]])[0] != 1)
+        return numeric_shape([shape(n)[-1]])[0] == 1 and numeric_shape([shape(u)[-1]])[0] != 1
 
     @staticmethod
     def _heads_split(node: fx.Node, src: fx.Node, split: tuple) -> tuple:
