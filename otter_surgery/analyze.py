@@ -1,10 +1,13 @@
 """Analyze: facts about the captured decoder, read from its graph (dataflow, shapes, targets) alone.
 
 The dataflow is a networkx DiGraph over fx nodes. From it the analysis finds
-- the residual stream: everything reachable from the embeddings through width-preserving elementwise ops;
+- the residual stream: everything reachable from the embeddings through width-preserving elementwise ops (and
+  layout ops that keep the feature axis, and matmuls that mix the stream's rows: hyper-connections' N parallel
+  streams [b, s, N, d] are the stream too);
 - the *role* of each parameterised linear's output dim, by walking forward to what consumes it:
   `residual` (added back into the stream: o-proj, down-proj), `heads` (split by a view into heads of
-  an attention: q/k/v, fused qkv), `ffn` (read by another linear: gate/up, fused gate_up), `none` (lm_head);
+  an attention: q/k/v, fused qkv), `ffn` (read by another linear: gate/up, fused gate_up), `none` (lm_head,
+  and coefficients that only weigh what they multiply: hyper-connections' pre/post/comb);
 - the final hidden state (the input of the linear that produces the logits).
 No model_type switches: a new architecture needs new op rules at most, never a new branch here.
 """
@@ -19,7 +22,7 @@ import networkx as nx
 import torch.fx as fx
 
 from .errors import SpecError, UnsupportedGraphError, module_path
-from .graph_utils import concrete_size, get_attr_tensor, numeric_shape, op_name, product, reshape_groups, shape, val
+from .graph_utils import concrete_size, get_attr_tensor, ndim, numeric_shape, op_name, product, reshape_groups, shape, val
 from .moe import find_regions
 from .ops import LinearInfo, is_op, linear_info
 from .spec import InsertSpec
@@ -100,9 +103,14 @@ class Analysis:
             for u in n.users:
                 if val(u) is None:
                     continue
-                # Elementwise ops, norms (post-LN blocks) and reshapes of the token axes only (OPT's FFN).
-                keeps_width = is_op(u, "reshape", "norm") and shape(u)[-1] == shape(n)[-1]
-                if is_op(u, "elementwise") or keeps_width:
+                # Elementwise ops, norms (post-LN blocks) and reshapes of the token axes only (OPT's FFN); new
+                # leading axes over the same features (hyper-connection streams [b, s, N, d]).
+                keeps_width = is_op(u, "reshape", "norm", "broadcast") and shape(u)[-1] == shape(n)[-1]
+                # A matmul with the stream as its right operand mixes the stream's rows and keeps its features
+                # (hyper-connections' comb^T @ streams over [.., N, d]).
+                mixes_rows = (is_op(u, "matmul") and len(u.args) > 1 and u.args[1] is n and u.args[0] is not n
+                              and ndim(n) >= 2 and shape(u)[-1] == shape(n)[-1])
+                if is_op(u, "elementwise") or keeps_width or mixes_rows:
                     todo.append(u)
         return seen
 
@@ -121,6 +129,10 @@ class Analysis:
         while todo:
             n, split = todo.pop(0)
             for u in n.users:
+                if self._mixes_stream(n, u):
+                    # the mixing weights of a matmul over the stream's rows (hyper-connections' comb^T @ streams):
+                    # whatever the product feeds, this output only weighs it, so it gets no role from it
+                    continue
                 if is_op(u, "attention") and split:  # before `seen`: q, k, v of a fused output meet here
                     found.append(Role("heads", *split, operands=frozenset({self._operand(u, n)})))
                     continue
@@ -140,6 +152,10 @@ class Analysis:
                     # A gate on the attention output (afmoe, laguna: attn * sigmoid(gate(x))): laid out like
                     # that output, one unit per head, so its inserted rows gate the inserted heads.
                     found.append(Role("heads", gated, out // gated, operands=frozenset({"gate"})))
+                    continue
+                if not gated and self._scales_features(n, u):
+                    # a coefficient broadcast over the features of what it multiplies (hyper-connections'
+                    # per-stream pre/post weights [.., N, 1] * [.., N, d], a per-token scalar gate): as above
                     continue
                 info = self.linears.get(u)
                 if info is not None and info.x is n:
@@ -177,6 +193,18 @@ class Analysis:
                 return replace(first, operands=frozenset().union(*(r.operands for r in same)),
                                group_heads=min(r.heads for r in same))
         return Role("none")
+
+    def _mixes_stream(self, n: fx.Node, u: fx.Node) -> bool:
+        """`n` is the left operand of a matmul `u` that mixes the residual stream's rows (the stream being the
+        right operand)."""
+        return is_op(u, "matmul") and u in self.residual and u.args[0] is n and u.args[1] is not n
+
+    @staticmethod
+    def _scales_features(n: fx.Node, u: fx.Node) -> bool:
+        """`n` broadcasts along the feature (last) axis of the elementwise op `u` that reads it."""
+        if not is_op(u, "elementwise") or val(n) is None or val(u) is None or not shape(n) or not shape(u):
+            return False
+        return numeric_shape([shape(n)[-1]])[0] == 1 and numeric_shape([shape(u)[-1]])[0] != 1
 
     @staticmethod
     def _heads_split(node: fx.Node, src: fx.Node, split: tuple) -> tuple:

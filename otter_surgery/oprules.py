@@ -33,6 +33,7 @@ class Context(Protocol):
     gm: fx.GraphModule
     comps: dict[fx.Node, Comp]
     shadows: dict[fx.Node, fx.Node]
+    widths: dict  # per linear: the inserted output width the analysis gave it (analyze.Width)
     spec: "InsertSpec"  # noqa: F821 - otter_surgery.spec, not imported here (rules stay below the spec)
 
     def emit(self, target, args, kwargs=None) -> fx.Node: ...
@@ -219,7 +220,7 @@ def elementwise(ctx: Context, node: fx.Node) -> Comp | None:
 
 # -- reductions: the original statistic stays the original dims' own -----------------------------------
 
-@rule("mean", "sum", "var", "std", "amax", "amin", "var_mean", "logsumexp", "max", "min", "prod", "norm")
+@rule("mean", "sum", "var", "std", "amax", "amin", "var_mean", "logsumexp", "max", "min", "prod", "norm", merged=True)
 def reduction(ctx: Context, node: fx.Node) -> Comp | None:
     """A reduction over the inserted axis (a norm's mean/variance): the original node stays the original dims'
     statistic and gets no companion; `elementwise` broadcasts it (or, with norm_stats="wide", its shadow over
@@ -233,6 +234,8 @@ def reduction(ctx: Context, node: fx.Node) -> Comp | None:
         return None
     dims = [dims] if isinstance(dims, int) else list(dims)
     dims = [_norm_dim(d, nd) for d in dims]
+    if c.outer and dims != [c.axis]:
+        _fail(node, "reduces inserted dims merged with outer axes along another axis")
     if c.axis in dims or not dims:
         if dims == [c.axis]:
             _wide_statistic(ctx, node, src, c)
@@ -364,7 +367,7 @@ def _split_outer(node: fx.Node, c: Comp, gi: list, gj: list, out_sh) -> tuple[in
     return gj[k], c.size // product(sizes), max(1, c.unit // product(sizes)), ()
 
 
-@rule("flatten")
+@rule("flatten", merged=True)
 def flatten(ctx: Context, node: fx.Node) -> Comp | None:
     src, c = _single_comp(ctx, node)
     nd, in_sh = ndim(src), shape(src)
@@ -375,10 +378,13 @@ def flatten(ctx: Context, node: fx.Node) -> Comp | None:
         return replace(c, node=new)
     if c.axis > end:
         return replace(c, node=new, axis=c.axis - (end - start))
-    if product([in_sh[a] for a in range(start, c.axis)]) != 1:
-        _fail(node, "flattening would interleave inserted and original dims")
     after = product([in_sh[a] for a in range(c.axis + 1, end + 1)])
-    return replace(c, node=new, axis=start, size=c.size * after, unit=c.unit * after)
+    outer = tuple(in_sh[a] for a in range(start, c.axis)) if product([in_sh[a] for a in range(start, c.axis)]) != 1 else ()
+    if outer and (c.outer or c.sizes is not None or concrete_size(after) is None):
+        _fail(node, "flattening would interleave inserted and original dims")
+    # [.., N, d] -> [.., N*d] with the inserted dims on d (hyper-connection streams flattened to compute their
+    # mixing weights): the companion [.., N, d_e] flattens to [.., N*d_e], N its `outer`, as reshape does
+    return replace(c, node=new, axis=start, size=c.size * after, unit=c.unit * after, outer=outer or c.outer)
 
 
 @rule("view_as", "reshape_as", "expand_as")
@@ -691,6 +697,8 @@ def batched_matmul(ctx: Context, node: fx.Node) -> Comp | None:
     bias = node.args[0] if op_name(node) == "baddbmm" else None  # baddbmm(bias, a, b): ALiBi + q @ k^T
     a, b = node.args[1:3] if bias is not None else node.args[:2]
     ca, cb = ctx.comps.get(a), ctx.comps.get(b)
+    if bias is None and (ca is None) != (cb is None):
+        return _free_axis_matmul(ctx, node, a, b, ca, cb)
     if ca is None or cb is None:
         _fail(node, "a matmul between a tensor with inserted heads and one without")
     nd = ndim(node)
@@ -712,20 +720,41 @@ def batched_matmul(ctx: Context, node: fx.Node) -> Comp | None:
     return replace(ca, node=ctx.emit(node.target, args, dict(node.kwargs)), axis=axis)
 
 
+def _free_axis_matmul(ctx: Context, node: fx.Node, a: fx.Node, b: fx.Node, ca: Comp | None, cb: Comp | None) -> Comp:
+    """a @ b where only one operand carries inserted dims, on an axis the product does not contract: the
+    columns of b (hyper-connections' comb^T @ streams, [.., N, N] @ [.., N, d] with the inserted dims on d) or
+    the rows of a. Each inserted column (row) is combined by the other operand as every original one is, so
+    the companion is the same product over the companion; the other operand never meets inserted dims."""
+    c, src = (cb, b) if cb is not None else (ca, a)
+    free = ndim(src) - 1 if cb is not None else ndim(src) - 2
+    if c.outer or c.sizes is not None or ndim(src) < 2 or c.axis != free:
+        _fail(node, "a matmul between a tensor with inserted dims and one without, which contracts them or "
+                    "carries them on a batch axis")
+    args = (a, c.node) if cb is not None else (c.node, b)
+    return replace(c, node=ctx.emit(node.target, args), axis=ndim(node) - (1 if cb is not None else 2))
+
+
 # -- linear maps: the block matrix [[W, 0], [A, B]] in side-car form ----------------------------------
 
-@rule("linear", "addmm", "mm")
+@rule("linear", "addmm", "mm", merged=True)
 def linear(ctx: Context, node: fx.Node) -> Comp | None:
     """y = W x stays the original node (the zero block: inserted inputs never reach original outputs);
     the inserted outputs are y_e = [A B] [x ; x_e], one new GEMM reading original and inserted inputs."""
     info = linear_info(ctx.gm, node)
     if info is None:
+        if (op_name(node) == "linear" and node not in ctx.widths and node.args[0] in ctx.comps
+                and _parameter_derived(ctx, node.args[1]) and not _parameter_derived(ctx, node.args[0])):
+            # weights cast from a parameter (hyper-connections' fn.float()) and outputs the analysis does not
+            # widen (mixing coefficients): computed from the original dims, as a norm's statistics are
+            return None
         _fail(node, "a matrix product whose weight is not a parameter reads inserted dims")
     c = ctx.comps.get(info.x)
     if c is None:
         _fail(node, "inserted dims reach a linear's weight or bias, not its input")
     if c.axis != ndim(info.x) - 1:
         _fail(node, "the inserted dims are not on the linear's input features axis")
+    if c.outer and ctx.widths[node].size:
+        _fail(node, "a linear with inserted outputs reads inserted dims merged with outer axes")
     made = ctx.linear_params(node, info, c)
     if made is None:
         return None  # the output dim is not widened (lm_head, or a zero-width spec field)

@@ -53,11 +53,15 @@ _declare("reshape", "view", "reshape", "_unsafe_view")
 _declare("norm", "layer_norm", "rms_norm")
 _declare("attention", "scaled_dot_product_attention", "matmul", "bmm")
 _declare("sdpa", "scaled_dot_product_attention")
+_declare("matmul", "matmul", "bmm")
 _declare("linear", "linear", "addmm", "mm")
 _declare("split", "split", "split_with_sizes", "chunk")  # into parts along one axis
 _declare("unbind", "unbind")
 _declare("transpose", "transpose", "t", "permute")
 _declare("flatten", "flatten")
+# New leading axes over the same features (hyper-connections' N parallel copies of the stream, [b, s, d] ->
+# [b, s, N, d]): a stream that is still the stream.
+_declare("broadcast", "unsqueeze", "expand")
 _declare("copy_like", "to", "_to_copy", "contiguous", "clone", "alias", "detach")  # same values, maybe a new buffer
 _declare("getitem", "getitem")
 _declare("slice", "slice")
