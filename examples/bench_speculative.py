@@ -5,7 +5,8 @@
 Methods, all greedy, all checked token for token against (a):
   (a)  greedy: otter.generate(omodel) without a guide (the base's greedy tokens; it runs Otter's side-car too),
        and beside it transformers' own cached greedy on the base model (`model.generate(do_sample=False)`);
-  (b)  Otter-Medusa: otter.generate(guide=otter.Speculative()), K heads reading the widened state [h ; e],
+  (b)  Otter-Medusa: otter.generate(guide=otter.Speculative()), K heads reading the widened state [h ; e] and
+       the output-matrix row of the base's own next token (InsertSpec.medusa_reads, default "next_token"),
        trained with the `medusa` objective by self-distillation (here, --steps; or --adapter: one written by
        examples/train_medusa.py -- pass the --steps/--lr it was trained with so that (c) gets the same budget);
   (c)  plain Medusa-1: K heads on the frozen last hidden state only (no inserted dims): head k = the model's own
@@ -13,8 +14,9 @@ Methods, all greedy, all checked token for token against (a):
        next-token head), trained on the same distilled texts with the same loss (head k predicts token t+k+2,
        mean over heads), the same steps, lr, batch size, optimizer (AdamW, no weight decay) and shuffling seed;
        decoded with the same scheme as (b): draft K, verify [greedy token, drafts] in one forward of the base
-       with transformers' DynamicCache, keep the longest prefix matching the base's argmax (rows of a batch keep
-       the smallest count), roll the cache back with DynamicCache.crop, draft again from the last kept position;
+       with transformers' DynamicCache, keep the longest prefix matching the base's argmax (each row its own: a
+       row that accepted fewer masks its rejected entries out), roll the cache back with DynamicCache.crop to the
+       longest, draft again from each row's last kept position;
   (d)  transformers' prompt-lookup decoding (`prompt_lookup_num_tokens`, batch 1 only: transformers refuses
        assisted generation at batch > 1).
 Data: train_medusa.py's -- openings of the committed VADER review sentences continued by the base's own greedy
