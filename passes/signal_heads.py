@@ -78,9 +78,10 @@ class SignalHeads(PassBase):
         return ctx.emit(aten.cat.default, ([x, ctx.emit(aten.embedding.default, (rows, token))], -1))
 
     def _vocab_head(self, x: fx.Node, name: str, k: int, d: int, width: int, copy: bool) -> fx.Node:
-        """k vocab-sized heads on x = [h ; e] -> [..., k * vocab]. Tied: per head a projection to the model
-        width (with copy init the identity on h: the head starts as the model's own next-token head, as
-        Medusa-1 starts its heads from the lm_head), then the logits linear's weight, shared and frozen."""
+        """k vocab-sized heads on x = [h ; e] (medusa: and the next token's row) -> [..., k * vocab]. Tied: per
+        head a projection to the model width (with copy init the identity on h: the head starts as the model's
+        own next-token head, as Medusa-1 starts its heads from the lm_head), then the logits linear's weight,
+        shared and frozen."""
         ctx = self.ctx
         hidden = val(ctx.analysis.final_hidden)
         dtype, device = hidden.dtype, hidden.device
