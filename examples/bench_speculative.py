@@ -46,6 +46,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 import otter_surgery as otter  # noqa: E402
 from otter_surgery.data import pad as pad_batch  # noqa: E402
 from otter_surgery.real_model import load_smollm2  # noqa: E402
+from otter_surgery.stepper import read_out  # noqa: E402
 from sentiment_data import read_sentences  # noqa: E402
 from train_medusa import distill, head_accuracy, left_pad, openings  # noqa: E402
 
@@ -66,8 +67,12 @@ class Medusa1Heads(nn.Module):
         return self.lm_head(h + F.silu(self.blocks[k](h)))
 
     def draft(self, h: torch.Tensor) -> torch.Tensor:
-        """h [rows, d] -> drafts [rows, K] (head k: token t+k+2)."""
-        return torch.stack([self.head(k, h).argmax(-1) for k in range(len(self.blocks))], 1)
+        """h [rows, d] -> drafts [rows, K] (head k: token t+k+2), read out through the output matrix in one
+        product in the same GEMM layout as Otter's drafts (stepper.read_out), so both pay the same for it."""
+        z = torch.stack([h + F.silu(block(h)) for block in self.blocks], 1)  # [rows, K, d]
+        if getattr(self.lm_head, "bias", None) is not None:
+            return (read_out(z, self.lm_head.weight) + self.lm_head.bias).argmax(-1)
+        return read_out(z, self.lm_head.weight).argmax(-1)
 
 
 def base_hidden(model, texts: list[list[int]], batch: int = 16) -> list[torch.Tensor]:

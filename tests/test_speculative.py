@@ -152,6 +152,21 @@ def test_decode_steps_read_the_medusa_heads_out_at_one_position(medusa_model):
         torch.testing.assert_close(vout.medusa_logits(torch.full((2,), p)), full[:, ids.shape[1] + p])
 
 
+@pytest.mark.parametrize("shape", [(1, 3), (2, 4), (3, 4), (1, 1)])
+def test_read_out_is_the_product_with_the_output_matrix_in_either_layout(shape):
+    """stepper.read_out picks the faster GEMM layout by the number of rows (<= 8: w @ x.t()); both layouts
+    give x @ w.t() with the same shape (up to the last bits), and the few-rows one is the one taken."""
+    from otter_surgery import stepper
+
+    g = torch.Generator().manual_seed(sum(shape))
+    x, w = torch.randn(*shape, 16, generator=g), torch.randn(50, 16, generator=g)
+    got = stepper.read_out(x, w)
+    assert got.shape == (*shape, 50)
+    torch.testing.assert_close(got, x @ w.t())
+    few = shape[0] * shape[1] <= stepper._FEW_ROWS
+    assert (got.stride(-1) != 1) == (few and shape[0] * shape[1] > 1)  # the transposed product's view
+
+
 def test_medusa_heads_read_the_row_of_the_bases_next_token(tiny_llama):
     """medusa_reads="next_token": the projection's last d columns read W_out[argmax(logits)] at each position.
     With them zero the heads are the "hidden" heads (same seed, same other parameters); set to Q, head k's
