@@ -9,6 +9,8 @@ Methods, all greedy, all checked token for token against (a):
        the output-matrix row of the base's own next token (InsertSpec.medusa_reads, default "next_token"),
        trained with the `medusa` objective by self-distillation (here, --steps; or --adapter: one written by
        examples/train_medusa.py -- pass the --steps/--lr it was trained with so that (c) gets the same budget);
+  (b') the same heads drafting only from the --draft-vocab most frequent tokens of the distilled texts
+       (Speculative(draft_vocab=...), as FR-Spec does: the readout reads that many rows of the output matrix);
   (c)  plain Medusa-1: K heads on the frozen last hidden state only (no inserted dims): head k = the model's own
        frozen lm_head(h + SiLU(W_k h + b_k)), W_k zero-initialised (Medusa's ResBlock; each head starts as the
        next-token head), trained on the same distilled texts with the same loss (head k predicts token t+k+2,
@@ -48,7 +50,7 @@ from otter_surgery.data import pad as pad_batch  # noqa: E402
 from otter_surgery.real_model import load_smollm2  # noqa: E402
 from otter_surgery.stepper import read_out  # noqa: E402
 from sentiment_data import read_sentences  # noqa: E402
-from train_medusa import distill, head_accuracy, left_pad, openings  # noqa: E402
+from train_medusa import distill, frequent_tokens, head_accuracy, left_pad, openings  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------- (c) Medusa-1
@@ -203,6 +205,35 @@ def verify_costs(omodel, model, prompt: list[int], positions=(1, 2, 3, 4, 8, 16)
     return rows
 
 
+def draft_costs(omodel, prompt: list[int], shortlist=None, repeats: int = 9) -> dict:
+    """What reading the heads' drafts out at one position costs (otter.generate's draft step, after a verify of
+    n + 1 positions): over the whole vocabulary, and over the shortlist. Medians, ms."""
+    from otter_surgery.generate import _draft
+    from otter_surgery.stepper import decoder
+
+    dec, n = decoder(omodel), omodel.spec.n_medusa
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        _, state = dec.start(ids, torch.ones_like(ids))
+        vout, _ = dec.verify(torch.randint(100, 1000, (1, n + 1)), state)
+        position = torch.tensor([n])
+        vocab = None if shortlist is None else torch.tensor(shortlist)
+        runs = {"full_vocab_ms": lambda: _draft(vout, position, n, None)}
+        if vocab is not None:
+            sub = vout.readouts["medusa"][vocab]
+            runs["shortlist_ms"] = lambda: _draft(vout, position, n, vocab, sub)
+        out = {}
+        for name, fn in runs.items():
+            fn()
+            times = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                fn()
+                times.append(1000 * (time.perf_counter() - t0))
+            out[name] = statistics.median(times)
+    return out
+
+
 class ForwardCounter:
     """Counts calls of a module's forward (transformers' generate: one per step)."""
 
@@ -214,7 +245,7 @@ class ForwardCounter:
         self.n += 1
 
 
-def run_methods(omodel, model, heads, counter, batch: int, lookup: int, new: int):
+def run_methods(omodel, model, heads, counter, batch: int, lookup: int, new: int, shortlist=None):
     """name -> fn(ids, mask) -> (sequences, {"verifies", "accepted"} or None)."""
     def otter_greedy(ids, mask):
         return otter.generate(omodel, ids, attention_mask=mask, max_new_tokens=new, eos_token_id=[]).sequences, None
@@ -228,15 +259,19 @@ def run_methods(omodel, model, heads, counter, batch: int, lookup: int, new: int
                          if extra else None)
         return fn
 
-    def otter_spec(ids, mask):
-        out = otter.generate(omodel, ids, attention_mask=mask, max_new_tokens=new, eos_token_id=[],
-                             guide=otter.Speculative())
-        n = out.stats["drafted"] // omodel.spec.n_medusa
-        return out.sequences, {"verifies": n, "accepted": out.stats["accepted"]}
+    def otter_spec(vocab=None):
+        def fn(ids, mask):
+            out = otter.generate(omodel, ids, attention_mask=mask, max_new_tokens=new, eos_token_id=[],
+                                 guide=otter.Speculative(draft_vocab=vocab))
+            n = out.stats["drafted"] // omodel.spec.n_medusa
+            return out.sequences, {"verifies": n, "accepted": out.stats["accepted"]}
+        return fn
 
     methods = {"(a) greedy, otter.generate": otter_greedy, "(a') greedy, HF model.generate": hf({}),
-               "(b) Otter-Medusa": otter_spec,
-               "(c) Medusa-1 heads": lambda ids, mask: medusa1_generate(model, heads, ids, mask, new)}
+               "(b) Otter-Medusa": otter_spec()}
+    if shortlist is not None:
+        methods[f"(b') Otter-Medusa, {len(shortlist)}-token drafts"] = otter_spec(shortlist)
+    methods["(c) Medusa-1 heads"] = lambda ids, mask: medusa1_generate(model, heads, ids, mask, new)
     if batch == 1 and lookup:
         methods[f"(d) HF prompt lookup ({lookup})"] = hf({"prompt_lookup_num_tokens": lookup})
     return methods
@@ -288,6 +323,8 @@ def main() -> None:
     ap.add_argument("--decode-new", type=int, default=64)
     ap.add_argument("--batches", default="1,4")
     ap.add_argument("--lookup", type=int, default=10, help="prompt_lookup_num_tokens for (d)")
+    ap.add_argument("--draft-vocab", type=int, default=4096,
+                    help="(b'): (b) drafting only from the N most frequent tokens of the distilled texts (0: skip)")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="examples/results/speculative.json")
@@ -353,17 +390,21 @@ def main() -> None:
         print(f"{c['positions']:>9}{c['otter_ms']:>10.1f}{c['hf_ms']:>8.1f}{c['break_even_tokens']:>29.2f}"
               f"{c['tokens_for_1_5x']:>10.2f}")
 
+    shortlist = frequent_tokens(train_texts, args.draft_vocab) if args.draft_vocab else None
+    drafts = draft_costs(omodel, test_texts[0][:len(test_p[0]) + 32], shortlist)
+    print("one draft readout (K heads at one position): " + ", ".join(f"{k} {v:.1f}" for k, v in drafts.items()))
     counter = ForwardCounter(base)
     results = []
     for batch in [int(b) for b in args.batches.split(",")]:
         groups = [left_pad(test_p[i:i + batch], 0) for i in range(0, args.decode_prompts - batch + 1, batch)]
-        methods = run_methods(omodel, base, heads, counter, batch, args.lookup, args.decode_new)
+        methods = run_methods(omodel, base, heads, counter, batch, args.lookup, args.decode_new, shortlist)
         measured = bench(methods, groups, args.decode_new, args.repeats)
         print(f"batch {batch} timed", flush=True)
         ref_ms = measured["(a) greedy, otter.generate"]["ms_per_token"]
         hf_ms = measured["(a') greedy, HF model.generate"]["ms_per_token"]
         extra = {"(a) greedy, otter.generate": params_b, "(a') greedy, HF model.generate": 0,
                  "(b) Otter-Medusa": params_b, "(c) Medusa-1 heads": params_c}
+        extra |= {name: params_b for name in measured if name.startswith("(b')")}
         for name, m in measured.items():
             results.append({"method": name, "batch": batch, **m, "tokens_per_s": 1000 * batch / m["ms_per_token"],
                             "speed_up": ref_ms / m["ms_per_token"], "speed_up_vs_hf": hf_ms / m["ms_per_token"],
@@ -373,11 +414,11 @@ def main() -> None:
           f"{' ((b) from ' + args.adapter + ')' if args.adapter else ''}; held-out top-1 per head: "
           f"(b) Otter-Medusa {[round(a, 3) for a in acc_b]}, (c) Medusa-1 {[round(a, 3) for a in acc_c]}")
     vs_hf = "×(a')"
-    head = (f"{'method':<34}{'batch':>6}{'ms/tok':>9}{'tok/s':>8}{'acc.len':>9}{'×(a)':>7}{vs_hf:>7}"
+    head = (f"{'method':<38}{'batch':>6}{'ms/tok':>9}{'tok/s':>8}{'acc.len':>9}{'×(a)':>7}{vs_hf:>7}"
             f"{'identical':>11}{'extra params':>14}")
     print(head)
     for r in results:
-        print(f"{r['method']:<34}{r['batch']:>6}{r['ms_per_token']:>9.1f}{r['tokens_per_s']:>8.1f}"
+        print(f"{r['method']:<38}{r['batch']:>6}{r['ms_per_token']:>9.1f}{r['tokens_per_s']:>8.1f}"
               f"{r['mean_accepted_length']:>9.2f}{r['speed_up']:>7.2f}{r['speed_up_vs_hf']:>7.2f}"
               f"{('yes' if r['identical'] else 'no'):>11}{r['extra_parameters']:>14,}")
     meta = {"date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),
@@ -389,7 +430,7 @@ def main() -> None:
                           "top1_before": before_c, "head_top1": acc_c, "extra_parameters": params_c,
                           "recipe": "lm_head(h + SiLU(W h + b)), W zero-init, frozen shared lm_head, last hidden "
                                     "state (after the final norm) of the frozen base"},
-              "verify_costs": costs, "decoding": results}
+              "verify_costs": costs, "draft_costs": drafts, "decoding": results}
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(report, f, indent=1)
