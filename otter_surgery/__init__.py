@@ -13,12 +13,12 @@ from .insert import insert
 from .model import OtterMeta, OtterModel, OtterOutput
 from .processor import GuideLogitsProcessor
 from .spec import InsertSpec
-from .train import TrainResult, evaluate, train
+from .train import TrainingDiverged, TrainResult, evaluate, train
 from .verify import VerifyReport, verify
 
 __all__ = [
     "insert", "verify", "generate", "RewardGuided", "Calibrated", "Speculative", "GenerateOutput", "GuideLogitsProcessor", "train", "evaluate", "save", "load", "InsertSpec", "OtterModel", "OtterMeta", "OtterOutput",
-    "VerifyReport", "TrainResult", "AdapterError", "merge", "load_merged", "fuse", "compile", "MergeReport",
+    "VerifyReport", "TrainResult", "TrainingDiverged", "AdapterError", "merge", "load_merged", "fuse", "compile", "MergeReport",
     "OtterError", "SpecError", "UnsupportedGraphError", "CaptureError", "VerificationError",
 ]
 __version__ = "0.1.0"

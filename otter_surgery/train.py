@@ -49,6 +49,15 @@ class TrainResult:
         return self.evals[-1] if self.evals else None
 
 
+class TrainingDiverged(OtterError, FloatingPointError):
+    """The training loss became NaN or infinite (a learning rate too high for these parameters, most often).
+    The inserted parameters are put back to the last step whose loss was finite; `result` holds the steps run."""
+
+    def __init__(self, message: str, result: TrainResult):
+        super().__init__(message)
+        self.result = result
+
+
 def _reward_last(omodel: OtterModel, ids, mask) -> torch.Tensor:
     reward = omodel(input_ids=ids, attention_mask=mask).reward
     last = last_token_index(mask)
@@ -224,7 +233,9 @@ def _loop(omodel, model, opt, accelerator, rank: int, world: int, params, data, 
     bar = _progress(steps, progress and rank == 0)
     per_step = batch_size * world  # the global micro-batch: every rank draws it, each trains on its slice
     t0 = time.perf_counter()
+    last_finite = None  # the parameters the last finite loss was computed with (put back if training diverges)
     for step in range(1, steps + 1):
+        before = [p.detach().clone() for p in params]
         opt.zero_grad(set_to_none=True)
         total = torch.zeros((), dtype=torch.float64)
         for micro in range(grad_accum):
@@ -249,6 +260,11 @@ def _loop(omodel, model, opt, accelerator, rank: int, world: int, params, data, 
         total = total.item()
         result.losses.append(total)
         result.steps = step
+        if not math.isfinite(total):
+            if bar is not None:
+                bar.close()
+            _diverged(params, last_finite, result, step, steps, opt)
+        last_finite = before
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{total:.4f}")
@@ -270,6 +286,20 @@ def _loop(omodel, model, opt, accelerator, rank: int, world: int, params, data, 
                                                                        batch_size=batch_size, **kw)})
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def _diverged(params, last_finite, result: TrainResult, step: int, steps: int, opt) -> None:
+    """Stop with a clear error instead of leaving NaN parameters behind: the original logits would stay exact,
+    but every inserted signal would be NaN from then on."""
+    with torch.no_grad():
+        for p, saved in zip(params, last_finite or ()):
+            p.copy_(saved)
+    lr = opt.param_groups[0]["lr"]
+    previous = f" (step {step - 1}: {result.losses[-2]:.4g})" if step > 1 else ""
+    restored = (f"the inserted parameters are put back to those step {step - 1} computed its finite loss with"
+                if last_finite is not None else "the inserted parameters are left as they were before training")
+    raise TrainingDiverged(f"training diverged at step {step} of {steps}: the loss is {result.losses[-1]}{previous} "
+                           f"at lr={lr:g}; {restored}. Lower the learning rate (e.g. lr={lr / 10:g}).", result)
 
 
 def _progress(total: int, enabled: bool):

@@ -246,3 +246,25 @@ def test_original_norm_statistics_remain_selectable_and_are_what_diverges(tiny_l
     omodel = otter.insert(tiny_llama, otter.InsertSpec(norm_stats="original"))
     result = otter.train(omodel, _scored(), "regression", steps=20, batch_size=8, lr=1e-2, progress=False)
     assert max(result.losses) > 1e3 * result.losses[0]
+
+
+def test_a_diverging_run_stops_with_a_clear_error_and_finite_parameters(tiny_llama):
+    """lr 1e4: the loss blows up, then turns NaN. train() raises TrainingDiverged naming the step and the lr,
+    and puts the inserted parameters back to those the last finite loss was computed with -- the same as a run
+    stopped one step earlier (training is seeded) -- instead of leaving NaN signals behind."""
+    spec = otter.InsertSpec(extra_dim=8, extra_heads=3, extra_ffn=8)
+    omodel = otter.insert(tiny_llama, spec)
+    with pytest.raises(otter.TrainingDiverged, match=r"diverged at step (\d+) of 30.*lr=10000") as err:
+        otter.train(omodel, _scored(), "regression", steps=30, batch_size=8, lr=1e4, progress=False)
+    losses = err.value.result.losses
+    assert not math.isfinite(losses[-1]) and all(math.isfinite(x) for x in losses[:-1]) and len(losses) >= 2
+    assert isinstance(err.value, OtterError)
+    got = omodel.inserted_parameters()
+    assert all(bool(torch.isfinite(p).all()) for p in got.values())
+    earlier = otter.insert(tiny_llama, spec)
+    if len(losses) > 2:
+        otter.train(earlier, _scored(), "regression", steps=len(losses) - 2, batch_size=8, lr=1e4, progress=False)
+    want = earlier.inserted_parameters()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    ids = torch.randint(3, 61, (2, 9), generator=torch.Generator().manual_seed(1))
+    assert bool(torch.isfinite(omodel(input_ids=ids).reward).all())
