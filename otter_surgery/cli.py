@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     from . import cli_commands as c
     from .cli_util import add_model_arg, add_spec_args
     from .demo import add_demo_args, demo
-    from .train import OBJECTIVES
+    from .train import OBJECTIVES, SCHEDULES
 
     parser = argparse.ArgumentParser(prog="otter-surgery", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -92,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr-scheduler", default="constant", choices=SCHEDULES, help="transformers' schedule (default constant)")
+    p.add_argument("--warmup-steps", type=int, default=0)
+    p.add_argument("--max-grad-norm", type=float, default=None, help="clip the gradient norm (default: no clipping)")
     p.add_argument("--alpha", type=float, default=1.0, help="calibration / genarm strength")
     p.add_argument("--eval-every", type=int, default=0)
     p.add_argument("--patience", type=int, default=0)

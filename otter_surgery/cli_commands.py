@@ -82,7 +82,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     common = dict(batch_size=args.batch_size, pad_id=pad_id_of(tok, model), alpha=args.alpha)
     before = otter.evaluate(omodel, eval_data, args.objective, **common) if eval_data else None
     result = otter.train(omodel, train_data, args.objective, eval_data=eval_data or None, steps=args.steps,
-                         lr=args.lr, seed=args.seed, eval_every=args.eval_every, patience=args.patience,
+                         lr=args.lr, lr_scheduler=args.lr_scheduler, warmup_steps=args.warmup_steps,
+                         max_grad_norm=args.max_grad_norm, seed=args.seed, eval_every=args.eval_every,
+                         patience=args.patience,
                          progress=not args.no_progress, **common)
     after = result.final_eval
     out = args.out or args.adapter

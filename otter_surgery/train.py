@@ -29,6 +29,9 @@ from .data import as_examples, batched, last_token_index, pad
 from .errors import OtterError
 from .model import OtterModel
 
+# transformers' schedules (TrainingArguments.lr_scheduler_type) that need nothing but warmup and total steps
+SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial",
+             "inverse_sqrt")
 OBJECTIVES = ("regression", "pairwise", "calibration", "medusa", "genarm")
 _NEEDS = {"regression": "reward", "pairwise": "reward", "calibration": "calibration", "medusa": "medusa",
           "genarm": "calibration"}
@@ -174,12 +177,18 @@ def train(omodel: OtterModel, data: list[dict] | str, objective: str = "pairwise
           eval_data: list[dict] | str | None = None, tokenizer=None,
           steps: int = 100, batch_size: int = 8, grad_accum: int = 1, lr: float = 1e-3, weight_decay: float = 0.0,
           bf16: bool = False, seed: int = 0, eval_every: int = 0, patience: int = 0, pad_id: int = 0,
-          alpha: float = 1.0, progress: bool = True, accelerator=None) -> TrainResult:
+          alpha: float = 1.0, lr_scheduler: str = "constant", warmup_steps: int = 0,
+          max_grad_norm: float | None = None, progress: bool = True, accelerator=None) -> TrainResult:
     """AdamW over the inserted parameters only, `steps` optimizer steps of `batch_size * grad_accum` examples.
 
     data / eval_data: lists of example dicts (see the module docstring) or JSONL paths (otter_surgery.data.
     load_jsonl; text fields are tokenized with `tokenizer`). Every example is checked before the first step
     (missing fields, NaN/inf labels), so a bad one fails at once, naming its line or index.
+
+    lr_scheduler / warmup_steps: transformers' schedules (`transformers.get_scheduler`: "constant", "linear",
+    "cosine", ...; TrainingArguments' lr_scheduler_type), stepped once per optimizer step; the default keeps lr
+    constant. max_grad_norm clips the inserted parameters' gradient norm before each step (None: no clipping).
+    A loss that turns NaN or infinite stops training with TrainingDiverged (parameters put back).
 
     eval_every > 0 evaluates on eval_data every that many steps (and at the end); patience > 0 stops early
     when the eval loss has not improved for that many evaluations. bf16 runs forward/backward under
@@ -203,8 +212,13 @@ def train(omodel: OtterModel, data: list[dict] | str, objective: str = "pairwise
         eval_data = as_examples(eval_data, objective, tokenizer)
     if not data:
         raise ValueError("no training examples")
+    if not isinstance(warmup_steps, int) or not 0 <= warmup_steps <= steps:
+        raise ValueError(f"warmup_steps must be an int in [0, steps={steps}], got {warmup_steps!r}")
+    if max_grad_norm is not None and not max_grad_norm > 0:
+        raise ValueError(f"max_grad_norm must be > 0 or None, got {max_grad_norm!r}")
     params = list(omodel.inserted_parameters().values())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    schedule = _schedule(opt, lr_scheduler, warmup_steps, steps)
     # a spec with several signals has inserted heads this objective leaves without gradient
     accelerator = distributed.accelerator_for(accelerator, find_unused=len(omodel.spec.signals) > 1)
     model, rank, world = omodel, 0, 1  # model: what the forward runs through (the DDP wrapper when distributed)
@@ -212,7 +226,8 @@ def train(omodel: OtterModel, data: list[dict] | str, objective: str = "pairwise
         model, opt = distributed.prepare(accelerator, omodel, opt)
         rank, world = accelerator.process_index, accelerator.num_processes
     try:
-        return _loop(omodel, model, opt, accelerator, rank, world, params, data, objective, eval_data=eval_data,
+        return _loop(omodel, model, opt, schedule, max_grad_norm, accelerator, rank, world, params, data, objective,
+                     eval_data=eval_data,
                      steps=steps, batch_size=batch_size, grad_accum=grad_accum, bf16=bf16, seed=seed,
                      eval_every=eval_every, patience=patience, progress=progress, kw=dict(pad_id=pad_id, alpha=alpha))
     finally:
@@ -220,7 +235,19 @@ def train(omodel: OtterModel, data: list[dict] | str, objective: str = "pairwise
             distributed.release(omodel)
 
 
-def _loop(omodel, model, opt, accelerator, rank: int, world: int, params, data, objective, *, eval_data, steps,
+def _schedule(opt, name: str, warmup_steps: int, steps: int):
+    """transformers' learning-rate schedule `name` (TrainingArguments.lr_scheduler_type) over `steps` steps."""
+    from transformers import get_scheduler
+
+    if name not in SCHEDULES:  # (the others need arguments of their own: a metric, a minimum lr, ...)
+        raise ValueError(f"lr_scheduler must be one of {SCHEDULES}, got {name!r}")
+    if name == "constant" and warmup_steps:  # transformers' "constant" would ignore the warmup asked for
+        name = "constant_with_warmup"
+    return get_scheduler(name, opt, num_warmup_steps=warmup_steps, num_training_steps=steps)
+
+
+def _loop(omodel, model, opt, schedule, max_grad_norm, accelerator, rank: int, world: int, params, data, objective, *,
+          eval_data, steps,
           batch_size, grad_accum, bf16, seed, eval_every, patience, progress, kw) -> TrainResult:
     """The optimizer steps of train(); `model` is `omodel` or its DDP wrapper."""
     rng = random.Random(seed)
@@ -254,7 +281,10 @@ def _loop(omodel, model, opt, accelerator, rank: int, world: int, params, data, 
                 else:
                     (loss / grad_accum).backward()
             total += loss.detach().double().cpu() / grad_accum
+        if max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
         opt.step()
+        schedule.step()
         if accelerator is not None:  # the mean over ranks: the global batch's loss (equal slices)
             total = accelerator.reduce(total.to(accelerator.device), reduction="mean").cpu()
         total = total.item()

@@ -268,3 +268,32 @@ def test_a_diverging_run_stops_with_a_clear_error_and_finite_parameters(tiny_lla
     assert all(torch.equal(got[k], want[k]) for k in want)
     ids = torch.randint(3, 61, (2, 9), generator=torch.Generator().manual_seed(1))
     assert bool(torch.isfinite(omodel(input_ids=ids).reward).all())
+
+
+def test_lr_schedule_warmup_and_gradient_clipping_follow_transformers(tiny_llama, monkeypatch):
+    """lr_scheduler/warmup_steps are transformers' schedules, stepped once per optimizer step (the lr each step
+    used: linear warmup over 2 steps, then linear decay to 0 at step 6); max_grad_norm clips the inserted
+    parameters' gradient norm before each step; bad values are refused naming the argument."""
+    seen = []
+    real_step = torch.optim.AdamW.step
+
+    def spy(self, *args, **kwargs):
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        seen.append((self.param_groups[0]["lr"], float(torch.linalg.vector_norm(torch.stack(
+            [torch.linalg.vector_norm(g) for g in grads])))))
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", spy)
+    omodel = otter.insert(tiny_llama, otter.InsertSpec(extra_dim=8, extra_heads=3, extra_ffn=8))
+    otter.train(omodel, _scored(), "regression", steps=6, lr=1e-2, lr_scheduler="linear", warmup_steps=2,
+                max_grad_norm=0.05, progress=False)
+    lrs, norms = zip(*seen)
+    assert lrs == pytest.approx([0.0, 5e-3, 1e-2, 7.5e-3, 5e-3, 2.5e-3])
+    assert max(norms) <= 0.05 * (1 + 1e-4)
+    seen.clear()
+    otter.train(omodel, _scored(), "regression", steps=3, lr=1e-2, progress=False)  # defaults: constant, no clip
+    assert [lr for lr, _ in seen] == [1e-2] * 3 and max(n for _, n in seen) > 0.05
+    for kwargs, field in [({"lr_scheduler": "reduce_lr_on_plateau"}, "lr_scheduler"),
+                          ({"warmup_steps": 9}, "warmup_steps"), ({"max_grad_norm": 0.0}, "max_grad_norm")]:
+        with pytest.raises(ValueError, match=field):
+            otter.train(omodel, _scored(), "regression", steps=3, progress=False, **kwargs)
