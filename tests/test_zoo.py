@@ -168,6 +168,7 @@ UNTOUCHED = {
     "hstack": "mask construction (meta-llama)", "tril": "mask construction",
     "triu": "mask construction", "cumsum": "positions from the padding mask", "__and__": "mask combination",
     "sym_size": "shape inspection", "_assert_tensor_metadata": "shape/dtype inspection",
+    "sym_numel": "shape inspection", "_assert_scalar": "runtime check of a data-dependent size (nonzero's count)",
 }
 # Ops with no rule on purpose that the zoo holds inside residual blocks: insert() makes their block an opaque
 # region (the original computation, a side FFN beside it), so inserted dims never reach them either.
@@ -175,7 +176,8 @@ OPAQUE = {"conv1d": "the causal depthwise conv of a Mamba mixer (mamba_minimal)"
 # Ops refused on purpose when inserted dims reach them (propagate_companions' routing list, and the `index`
 # rule's data-dependent case): token routing gathers rows by values the inserted dims must not steer. Inside a
 # residual block such a refusal (or any op without a rule, e.g. conv1d) makes the block an opaque region.
-REFUSED = {"index_put", "index_add", "index_select", "scatter", "scatter_add", "gather", "nonzero"}
+REFUSED = {"index_put", "index_put_", "index_add", "index_select", "scatter", "scatter_add", "gather", "nonzero",
+           "topk"}  # (topk: a routing selection, the seed of its mixture-of-experts region)
 
 
 def _graph_ops(nodes) -> dict[str, tuple[str, str]]:
