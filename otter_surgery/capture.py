@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import operator
+import re
 import sys
 from dataclasses import dataclass
 
@@ -59,6 +60,9 @@ class Captured:
     # "per-shape" (it fixes the batch size too: one graph per (batch, length)).
     strategy: str = "dynamic"
     seq_max: int | None = None  # the longest sequence the graph was proven for by export; None: no bound
+    # export's guards: Python conditions on the inputs' sizes (e.g. a capacity computed from batch * seq and
+    # specialized to the probe's value) under which the graph is the model's computation; see shape_guards()
+    guards: tuple[str, ...] = ()
 
 
 def is_transformers_model(model: nn.Module) -> bool:
@@ -186,7 +190,29 @@ def _export(model: nn.Module, takes_mask: bool, strategy: str, shape: tuple[int,
                            f"(strategy {strategy!r}): {exc}") from exc
     gm = _to_graph_module(ep)
     _inline_autocast_off(gm)
-    return Captured(gm, takes_mask, strategy, _seq_max(ep, kwargs["input_ids"]) if 1 not in static else None)
+    return Captured(gm, takes_mask, strategy, _seq_max(ep, kwargs["input_ids"]) if 1 not in static else None,
+                    tuple(getattr(ep, "_guards_code", ()) or ()))
+
+
+class ShapeGuards:
+    """export's guards on a captured graph as a predicate on the inputs: a graph runs only on inputs its
+    guards hold for (the unlifted module checks them before every call; the captured graph, whose calling
+    convention the passes own, does not)."""
+
+    def __init__(self, guards: tuple[str, ...]):
+        from torch.fx.experimental.symbolic_shapes import SYMPY_INTERP  # what export's own guard code is evaluated with
+        import math
+        self.guards = tuple(guards)
+        self._namespace = {**SYMPY_INTERP, "math": math, "inf": float("inf"), "torch": torch}
+        self._code = compile(" and ".join(f"({g})" for g in guards) or "True", "<export guards>", "eval")
+
+    def __call__(self, **inputs) -> bool:
+        return bool(eval(self._code, {**self._namespace, "L": inputs}))
+
+    @property
+    def beyond_bounds(self) -> bool:
+        """Whether a guard says more than a bound on one input size (e.g. `seq <= 64`, which seq_max covers)."""
+        return any(not re.fullmatch(r"L\['\w+'\]\.size\(\)\[\d\] (<=|<|>=|>) \d+", g) for g in self.guards)
 
 
 def _seq_max(ep, ids: torch.Tensor) -> int | None:
