@@ -12,7 +12,7 @@ import torch
 
 NAMES = ("mingpt", "llama2c", "meta_llama", "mistral", "gpt_fast", "nanochat", "xtransformers", "olmo", "annotated",
          "litgpt", "mamba_minimal", "rwkv", "modded_nanogpt", "gemma",
-         "mistral_moe", "nanomoe")
+         "mistral_moe", "nanomoe", "torchtitan_moe")
 
 
 def build(name: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.nn.Module:
