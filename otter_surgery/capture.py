@@ -9,6 +9,7 @@ import contextlib
 import inspect
 import operator
 import re
+import re
 import sys
 from dataclasses import dataclass
 
@@ -142,14 +143,22 @@ def capture(model: nn.Module, strategy: str | None = None, shape: tuple[int, int
     takes_mask = is_transformers_model(model)
     if strategy is not None:
         return _export(model, takes_mask, strategy, shape)
-    tried = []
+    tried, data_dependent = [], None
     for strategy in CAPTURE_STRATEGIES:
         try:
             return _export(model, takes_mask, strategy, shape)
         except _Specialized as exc:
             tried.append(exc.detail)
+        except _DataDependent as exc:  # (static sizes rarely help, but cost nothing to try)
+            data_dependent = data_dependent or exc
+    if data_dependent is not None:
+        raise data_dependent
     raise CaptureError(f"torch.export could not capture {type(model).__name__} with any strategy "
                        f"({'; '.join(tried)})")
+
+
+class _DataDependent(CaptureError):
+    """export met Python control flow on a tensor's values; a more static strategy is still tried."""
 
 
 class _Specialized(CaptureError):
@@ -182,6 +191,13 @@ def _export(model: nn.Module, takes_mask: bool, strategy: str, shape: tuple[int,
             ep = _on_eager_branches(model, lambda: torch.export.export(wrapper, (), kwargs=kwargs, dynamic_shapes=dyn,
                                                                        strict=False))
     except Exception as exc:  # torch.export raises many types; name the cause and keep the chain
+        if _data_dependent(exc):
+            raise _DataDependent(f"torch.export could not capture {type(model).__name__}: its Python branches on a "
+                               f"tensor's values (data-dependent control flow{_user_line(exc)}), e.g. a "
+                               "mixture-of-experts loop over the experts a batch hits (`for e in torch.unique(ids)`, "
+                               "`if counts[i] == 0: continue`, `.item()` / `.tolist()` steering Python), which export "
+                               "cannot trace for every input; a dispatch in tensor ops (torch.where / index_put, "
+                               "one_hot masks, argsort + grouped mm) is supported") from exc
         if "specialized it to be a constant" in str(exc) and strategy != CAPTURE_STRATEGIES[-1]:
             line = next(x for x in str(exc).splitlines() if "specialized it to be a constant" in x)
             raise _Specialized(f"{strategy}: {line.strip(' -')}") from exc
@@ -213,6 +229,26 @@ class ShapeGuards:
     def beyond_bounds(self) -> bool:
         """Whether a guard says more than a bound on one input size (e.g. `seq <= 64`, which seq_max covers)."""
         return any(not re.fullmatch(r"L\['\w+'\]\.size\(\)\[\d\] (<=|<|>=|>) \d+", g) for g in self.guards)
+
+
+def _data_dependent(exc: BaseException | None) -> bool:
+    """Whether export stopped at Python control flow on a tensor's values (anywhere in the cause chain)."""
+    from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
+    while exc is not None:
+        if isinstance(exc, GuardOnDataDependentSymNode):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _user_line(exc: BaseException) -> str:
+    """", at <file>:<line>: <code>": the model's own line where export stopped, when its message names one."""
+    text = str(exc)
+    for pattern in (r"File \"?([^\s\"]+\.py)\"?, line (\d+)[^\n]*\n\s*(.+)", r"File ([^\s]+\.py):(\d+) in \w+, code: (.+)"):
+        for m in re.finditer(pattern, text):
+            if "site-packages" not in m.group(1) and "otter_surgery" not in m.group(1):
+                return f", at {m.group(1).rsplit('/', 1)[-1]}:{m.group(2)}: {m.group(3).strip()[:120]}"
+    return ""
 
 
 def _seq_max(ep, ids: torch.Tensor) -> int | None:

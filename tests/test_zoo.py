@@ -82,6 +82,17 @@ def test_zoo_decoder_verify_50(name):
     assert state_digest(model) == before
 
 
+@pytest.mark.parametrize("name", sorted(zoo.REFUSED))
+def test_zoo_decoder_refused_names_model_and_reason(name):
+    """Decoders whose Python torch.export cannot trace for every input (a mixture-of-experts loop over the experts
+    a batch hits) are refused at insert() with a CaptureError naming the model, the reason and the model's line."""
+    model = zoo.build(name)
+    with pytest.raises(CaptureError) as err:
+        otter.insert(model, otter.InsertSpec(**SPEC))
+    assert zoo.REFUSED[name] in str(err.value) and type(model).__name__ in str(err.value)
+    assert f"{name}.py:" in str(err.value)  # the model's own line where export stopped
+
+
 # -- sequence-length specialization ----------------------------------------------------------------------
 
 def test_numpy_mask_is_captured_per_length_sharing_parameters():

@@ -13,6 +13,10 @@ import torch
 NAMES = ("mingpt", "llama2c", "meta_llama", "mistral", "gpt_fast", "nanochat", "xtransformers", "olmo", "annotated",
          "litgpt", "mamba_minimal", "rwkv", "modded_nanogpt", "gemma",
          "mistral_moe", "nanomoe", "torchtitan_moe")
+# Decoders the library refuses, with the reason its error must give (kept faithful, not rewritten to pass).
+REFUSED = {
+    "rasbt_qwen3_moe": "data-dependent control flow",  # for e in torch.unique(ids): int(e.item()) ...
+}
 
 
 def build(name: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.nn.Module:
