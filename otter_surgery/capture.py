@@ -110,9 +110,17 @@ def vocab_size(model: nn.Module) -> int:
     if vocab:
         return int(vocab)
     embeddings = [m for m in model.modules() if isinstance(m, nn.Embedding)]
-    if not embeddings:
-        raise CaptureError("cannot find the vocabulary size: the model has no config.vocab_size and no nn.Embedding")
-    return embeddings[0].num_embeddings
+    if embeddings:
+        return embeddings[0].num_embeddings
+    # an embedding module of the project's own (DeepSeek-V3's ParallelEmbedding, a vocab-parallel table) that
+    # states its size the way nn.Embedding or a config does
+    for m in model.modules():
+        for attr in ("num_embeddings", "vocab_size"):
+            size = getattr(m, attr, None)
+            if isinstance(size, int) and not isinstance(size, bool) and size > 0:
+                return size
+    raise CaptureError("cannot find the vocabulary size: the model has no config.vocab_size, no nn.Embedding and "
+                       "no module with a num_embeddings / vocab_size attribute")
 
 
 def _to_graph_module(ep) -> fx.GraphModule:
@@ -149,7 +157,7 @@ def capture(model: nn.Module, strategy: str | None = None, shape: tuple[int, int
             return _export(model, takes_mask, strategy, shape)
         except _Specialized as exc:
             tried.append(exc.detail)
-        except _DataDependent as exc:  # (static sizes rarely help, but cost nothing to try)
+        except DataDependentControlFlow as exc:  # (static sizes rarely help, but cost nothing to try)
             data_dependent = data_dependent or exc
     if data_dependent is not None:
         raise data_dependent
@@ -157,7 +165,7 @@ def capture(model: nn.Module, strategy: str | None = None, shape: tuple[int, int
                        f"({'; '.join(tried)})")
 
 
-class _DataDependent(CaptureError):
+class DataDependentControlFlow(CaptureError):
     """export met Python control flow on a tensor's values; a more static strategy is still tried."""
 
 
@@ -192,7 +200,7 @@ def _export(model: nn.Module, takes_mask: bool, strategy: str, shape: tuple[int,
                                                                        strict=False))
     except Exception as exc:  # torch.export raises many types; name the cause and keep the chain
         if _data_dependent(exc):
-            raise _DataDependent(f"torch.export could not capture {type(model).__name__}: its Python branches on a "
+            raise DataDependentControlFlow(f"torch.export could not capture {type(model).__name__}: its Python branches on a "
                                f"tensor's values (data-dependent control flow{_user_line(exc)}), e.g. a "
                                "mixture-of-experts loop over the experts a batch hits (`for e in torch.unique(ids)`, "
                                "`if counts[i] == 0: continue`, `.item()` / `.tolist()` steering Python), which export "

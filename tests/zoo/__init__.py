@@ -16,6 +16,7 @@ NAMES = ("mingpt", "llama2c", "meta_llama", "mistral", "gpt_fast", "nanochat", "
 # Decoders the library refuses, with the reason its error must give (kept faithful, not rewritten to pass).
 REFUSED = {
     "rasbt_qwen3_moe": "data-dependent control flow",  # for e in torch.unique(ids): int(e.item()) ...
+    "deepseek_v3": "data-dependent control flow",  # counts = bincount(..).tolist(); if counts[i] == 0: continue
 }
 
 
