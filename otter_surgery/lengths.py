@@ -92,5 +92,5 @@ class ShapeDispatch:
 def attach(omodel: nn.Module, model: nn.Module, strategy: str, seq_max: int | None,
            first_shape: tuple[int, int], guards: tuple[str, ...] = ()) -> None:
     """Give `omodel` a ShapeDispatch runner when one graph cannot serve every input shape."""
-    if strategy != "dynamic" or seq_max is not None or ShapeGuards(guards).beyond_bounds:
+    if strategy != "dynamic" or seq_max is not None or ShapeGuards(guards).fail_somewhere(omodel.takes_mask, seq_max):
         omodel.__dict__["_runner"] = ShapeDispatch(omodel, model, strategy, seq_max, first_shape, guards)
