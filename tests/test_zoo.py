@@ -82,6 +82,26 @@ def test_zoo_decoder_verify_50(name):
     assert state_digest(model) == before
 
 
+@pytest.mark.parametrize("name", ["mistral_moe", "nanomoe", "torchtitan_moe"])
+def test_zoo_moe_blocks_are_found_as_routed_regions(name):
+    """The zoo's mixture-of-experts decoders are recognised as such (from the routing selection in the graph):
+    a dense inserted FFN beside each routed block, none inside it."""
+    _, omodel, _ = built(name)
+    assert any(".moe_ffn." in k for k in omodel.inserted_parameters())
+
+
+def test_graph_runs_only_where_exports_guards_hold():
+    """nanoMoE computes its expert capacity from batch * seq; export fixes it to the probe's value under a guard.
+    The graph serves only inputs its guards hold for; another shape gets a graph of its own, bit-identical."""
+    model, omodel, _ = built("nanomoe")
+    runner = omodel.__dict__["_runner"]
+    assert omodel.capture_strategy == "dynamic" and any("== 14" in g for g in runner.guards[None].guards)
+    ids = torch.randint(0, model.VOCAB, (3, 5), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert bits_equal(omodel(input_ids=ids).logits, reference_logits(model, {"input_ids": ids}))
+    assert (3, 5) in runner.graphs
+
+
 @pytest.mark.parametrize("name", sorted(zoo.REFUSED))
 def test_zoo_decoder_refused_names_model_and_reason(name):
     """Decoders whose Python torch.export cannot trace for every input (a mixture-of-experts loop over the experts

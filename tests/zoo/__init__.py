@@ -3,6 +3,10 @@
 One module per project; each states which project and file it follows and which idioms it keeps. They are
 test fixtures only: the library never imports them and must not know their names. Every model is built by
 `build()` (fixed seed, random init, eval mode) and is called as `forward(idx)`.
+Mixture-of-experts decoders: mistral_moe (mistral-inference's MoeLayer: torch.where / index_put dispatch, packed
+tokens), nanomoe (nanoMoE: capacity-based one_hot / cumsum dense dispatch, bmm experts), torchtitan_moe
+(torchtitan: argsort dispatch, grouped_mm experts in bf16, custom-op combine, shared experts). REFUSED holds
+faithful decoders the library refuses on purpose, with the reason its error must give.
 """
 from __future__ import annotations
 
