@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import operator
+import re
 import sys
 from dataclasses import dataclass
 
@@ -59,6 +60,9 @@ class Captured:
     # "per-shape" (it fixes the batch size too: one graph per (batch, length)).
     strategy: str = "dynamic"
     seq_max: int | None = None  # the longest sequence the graph was proven for by export; None: no bound
+    # export's guards: Python conditions on the inputs' sizes (e.g. a capacity computed from batch * seq and
+    # specialized to the probe's value) under which the graph is the model's computation; see shape_guards()
+    guards: tuple[str, ...] = ()
 
 
 def is_transformers_model(model: nn.Module) -> bool:
@@ -105,9 +109,17 @@ def vocab_size(model: nn.Module) -> int:
     if vocab:
         return int(vocab)
     embeddings = [m for m in model.modules() if isinstance(m, nn.Embedding)]
-    if not embeddings:
-        raise CaptureError("cannot find the vocabulary size: the model has no config.vocab_size and no nn.Embedding")
-    return embeddings[0].num_embeddings
+    if embeddings:
+        return embeddings[0].num_embeddings
+    # an embedding module of the project's own (DeepSeek-V3's ParallelEmbedding, a vocab-parallel table) that
+    # states its size the way nn.Embedding or a config does
+    for m in model.modules():
+        for attr in ("num_embeddings", "vocab_size"):
+            size = getattr(m, attr, None)
+            if isinstance(size, int) and not isinstance(size, bool) and size > 0:
+                return size
+    raise CaptureError("cannot find the vocabulary size: the model has no config.vocab_size, no nn.Embedding and "
+                       "no module with a num_embeddings / vocab_size attribute")
 
 
 def _to_graph_module(ep) -> fx.GraphModule:
@@ -138,14 +150,22 @@ def capture(model: nn.Module, strategy: str | None = None, shape: tuple[int, int
     takes_mask = is_transformers_model(model)
     if strategy is not None:
         return _export(model, takes_mask, strategy, shape)
-    tried = []
+    tried, data_dependent = [], None
     for strategy in CAPTURE_STRATEGIES:
         try:
             return _export(model, takes_mask, strategy, shape)
         except _Specialized as exc:
             tried.append(exc.detail)
+        except DataDependentControlFlow as exc:  # (static sizes rarely help, but cost nothing to try)
+            data_dependent = data_dependent or exc
+    if data_dependent is not None:
+        raise data_dependent
     raise CaptureError(f"torch.export could not capture {type(model).__name__} with any strategy "
                        f"({'; '.join(tried)})")
+
+
+class DataDependentControlFlow(CaptureError):
+    """export met Python control flow on a tensor's values; a more static strategy is still tried."""
 
 
 class _Specialized(CaptureError):
@@ -178,6 +198,13 @@ def _export(model: nn.Module, takes_mask: bool, strategy: str, shape: tuple[int,
             ep = _on_eager_branches(model, lambda: torch.export.export(wrapper, (), kwargs=kwargs, dynamic_shapes=dyn,
                                                                        strict=False))
     except Exception as exc:  # torch.export raises many types; name the cause and keep the chain
+        if _data_dependent(exc):
+            raise DataDependentControlFlow(f"torch.export could not capture {type(model).__name__}: its Python branches on a "
+                               f"tensor's values (data-dependent control flow{_user_line(exc)}), e.g. a "
+                               "mixture-of-experts loop over the experts a batch hits (`for e in torch.unique(ids)`, "
+                               "`if counts[i] == 0: continue`, `.item()` / `.tolist()` steering Python), which export "
+                               "cannot trace for every input; a dispatch in tensor ops (torch.where / index_put, "
+                               "one_hot masks, argsort + grouped mm) is supported") from exc
         if "specialized it to be a constant" in str(exc) and strategy != CAPTURE_STRATEGIES[-1]:
             line = next(x for x in str(exc).splitlines() if "specialized it to be a constant" in x)
             raise _Specialized(f"{strategy}: {line.strip(' -')}") from exc
@@ -186,7 +213,62 @@ def _export(model: nn.Module, takes_mask: bool, strategy: str, shape: tuple[int,
                            f"(strategy {strategy!r}): {exc}") from exc
     gm = _to_graph_module(ep)
     _inline_autocast_off(gm)
-    return Captured(gm, takes_mask, strategy, _seq_max(ep, kwargs["input_ids"]) if 1 not in static else None)
+    return Captured(gm, takes_mask, strategy, _seq_max(ep, kwargs["input_ids"]) if 1 not in static else None,
+                    tuple(getattr(ep, "_guards_code", ()) or ()))
+
+
+class ShapeGuards:
+    """export's guards on a captured graph as a predicate on the inputs: a graph runs only on inputs its
+    guards hold for (the unlifted module checks them before every call; the captured graph, whose calling
+    convention the passes own, does not)."""
+
+    def __init__(self, guards: tuple[str, ...]):
+        from torch.fx.experimental.symbolic_shapes import SYMPY_INTERP  # what export's own guard code is evaluated with
+        import math
+        self.guards = tuple(guards)
+        self._namespace = {**SYMPY_INTERP, "math": math, "inf": float("inf"), "torch": torch}
+        self._code = compile(" and ".join(f"({g})" for g in guards) or "True", "<export guards>", "eval")
+
+    def __call__(self, **inputs) -> bool:
+        return bool(eval(self._code, {**self._namespace, "L": inputs}))
+
+    def fail_somewhere(self, takes_mask: bool, seq_max: int | None) -> bool:
+        """Whether the guards fail for some ordinary input shape (batch 1..5, lengths up to seq_max, a mask
+        shaped like the ids): then one graph cannot serve every shape. Guards that only tie the inputs' shapes
+        together (transformers' `mask.size(1) == ids.size(1)`) or bound the length (seq_max's business) hold
+        for all of them."""
+        longest = min(seq_max or 64, 64)
+        for batch in (1, 2, 3, 5):
+            for seq in sorted({1, 2, 3, 7, 19, longest} - {s for s in (1, 2, 3, 7, 19) if s > longest}):
+                inputs = {"input_ids": torch.empty(batch, seq, dtype=torch.long, device="meta")}
+                if takes_mask:
+                    inputs["attention_mask"] = torch.empty(batch, seq, dtype=torch.long, device="meta")
+                try:
+                    if not self(**inputs):
+                        return True
+                except Exception:  # (a guard naming an input this model does not take)
+                    return True
+        return False
+
+
+def _data_dependent(exc: BaseException | None) -> bool:
+    """Whether export stopped at Python control flow on a tensor's values (anywhere in the cause chain)."""
+    from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
+    while exc is not None:
+        if isinstance(exc, GuardOnDataDependentSymNode):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _user_line(exc: BaseException) -> str:
+    """", at <file>:<line>: <code>": the model's own line where export stopped, when its message names one."""
+    text = str(exc)
+    for pattern in (r"File \"?([^\s\"]+\.py)\"?, line (\d+)[^\n]*\n\s*(.+)", r"File ([^\s]+\.py):(\d+) in \w+, code: (.+)"):
+        for m in re.finditer(pattern, text):
+            if "site-packages" not in m.group(1) and "otter_surgery" not in m.group(1):
+                return f", at {m.group(1).rsplit('/', 1)[-1]}:{m.group(2)}: {m.group(3).strip()[:120]}"
+    return ""
 
 
 def _seq_max(ep, ids: torch.Tensor) -> int | None:

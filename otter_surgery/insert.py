@@ -55,7 +55,7 @@ def insert(model: nn.Module, spec: InsertSpec | None = None) -> OtterModel:
     omodel = OtterModel(gm, meta, base_model=model)
     # Graphs per length/shape when the model's code fixes or bounds the sequence length (otter_surgery.lengths)
     first = tuple(example_inputs(model, captured.takes_mask)["input_ids"].shape)
-    lengths.attach(omodel, model, captured.strategy, captured.seq_max, first)
+    lengths.attach(omodel, model, captured.strategy, captured.seq_max, first, captured.guards)
     return omodel
 
 

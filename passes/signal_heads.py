@@ -13,6 +13,7 @@ the logits linear's own (frozen, shared) weight, as a tied lm_head is; "full" gi
 """
 from __future__ import annotations
 
+import sympy
 import torch
 import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
@@ -46,7 +47,7 @@ class SignalHeads(PassBase):
         d = shape(hidden)[-1]
         width = d + comp.size
         dtype, device = val(hidden).dtype, val(hidden).device
-        x = ctx.emit(aten.cat.default, ([hidden, comp.node], -1))
+        x = self._as_logits_positions(ctx.emit(aten.cat.default, ([hidden, comp.node], -1)), hidden, logits)
         for signal in ctx.spec.signals:
             if signal == "reward":
                 n = ctx.spec.n_rewards
@@ -67,6 +68,21 @@ class SignalHeads(PassBase):
         gm.graph.lint()
         gm.recompile()
         return PassResult(gm, True)
+
+    def _as_logits_positions(self, x: fx.Node, hidden: fx.Node, logits: fx.Node) -> fx.Node:
+        """x laid out over the logits' positions: a model that packs its tokens into one axis ([batch * seq, d],
+        as mistral-inference does) and views its logits back to [batch, seq, vocab] gets signals shaped like
+        the logits too. Only a reshape of the leading axes (the logits linear writes rows in the order it
+        reads them); any other relation between the two is refused."""
+        expr = lambda d: d.node.expr if isinstance(d, torch.SymInt) else sympy.Integer(d)
+        lead_h, lead_l = [expr(d) for d in shape(hidden)[:-1]], [expr(d) for d in shape(logits)[:-1]]
+        if lead_h == lead_l:
+            return x
+        if sympy.simplify(sympy.Mul(*lead_h) - sympy.Mul(*lead_l)) != 0:
+            raise UnsupportedGraphError(logits, f"the logits' positions {lead_l} are not a reshape of the final hidden "
+                                                f"state's {lead_h}: the signals could not be laid out like the logits")
+        sizes = [d if isinstance(d, int) else self.ctx.emit(aten.sym_size.int, (logits, i)) for i, d in enumerate(shape(logits)[:-1])]
+        return self.ctx.emit(aten.reshape.default, (x, [*sizes, -1]))
 
     def _with_next_token(self, x: fx.Node, logits: fx.Node) -> fx.Node:
         """[x ; W_out[argmax(logits)]]: the output matrix's row of the base's greedy next token at each position

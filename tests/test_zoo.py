@@ -70,8 +70,9 @@ def test_zoo_decoder_inserts_trains_and_decodes(name):
     assert state_digest(model) == before
 
 
-# Two zoo decoders run the 50-example property check in the default suite (the issue's floor); all of them in -m slow.
-_DEFAULT_VERIFY = ("mingpt", "llama2c")
+# Two zoo decoders run the 50-example property check in the default suite (the issue's floor), one of them a
+# mixture-of-experts (torchtitan's argsort / grouped_mm dispatch); all of them in -m slow.
+_DEFAULT_VERIFY = ("mingpt", "torchtitan_moe")
 
 
 @pytest.mark.parametrize("name", [n if n in _DEFAULT_VERIFY else pytest.param(n, marks=pytest.mark.slow)
@@ -80,6 +81,37 @@ def test_zoo_decoder_verify_50(name):
     model, omodel, before = built(name)
     assert otter.verify(model, omodel, max_examples=50, max_seq=32).examples == 50
     assert state_digest(model) == before
+
+
+@pytest.mark.parametrize("name", ["mistral_moe", "nanomoe", "torchtitan_moe"])
+def test_zoo_moe_blocks_are_found_as_routed_regions(name):
+    """The zoo's mixture-of-experts decoders are recognised as such (from the routing selection in the graph):
+    a dense inserted FFN beside each routed block, none inside it."""
+    _, omodel, _ = built(name)
+    assert any(".moe_ffn." in k for k in omodel.inserted_parameters())
+
+
+def test_graph_runs_only_where_exports_guards_hold():
+    """nanoMoE computes its expert capacity from batch * seq; export fixes it to the probe's value under a guard.
+    The graph serves only inputs its guards hold for; another shape gets a graph of its own, bit-identical."""
+    model, omodel, _ = built("nanomoe")
+    runner = omodel.__dict__["_runner"]
+    assert omodel.capture_strategy == "dynamic" and any("== 14" in g for g in runner.guards[None].guards)
+    ids = torch.randint(0, model.VOCAB, (3, 5), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert bits_equal(omodel(input_ids=ids).logits, reference_logits(model, {"input_ids": ids}))
+    assert (3, 5) in runner.graphs
+
+
+@pytest.mark.parametrize("name", sorted(zoo.REFUSED))
+def test_zoo_decoder_refused_names_model_and_reason(name):
+    """Decoders whose Python torch.export cannot trace for every input (a mixture-of-experts loop over the experts
+    a batch hits) are refused at insert() with a CaptureError naming the model, the reason and the model's line."""
+    model = zoo.build(name)
+    with pytest.raises(CaptureError) as err:
+        otter.insert(model, otter.InsertSpec(**SPEC))
+    assert zoo.REFUSED[name] in str(err.value) and type(model).__name__ in str(err.value)
+    assert f"{name}.py:" in str(err.value)  # the model's own line where export stopped
 
 
 # -- sequence-length specialization ----------------------------------------------------------------------
@@ -168,6 +200,7 @@ UNTOUCHED = {
     "hstack": "mask construction (meta-llama)", "tril": "mask construction",
     "triu": "mask construction", "cumsum": "positions from the padding mask", "__and__": "mask combination",
     "sym_size": "shape inspection", "_assert_tensor_metadata": "shape/dtype inspection",
+    "sym_numel": "shape inspection", "_assert_scalar": "runtime check of a data-dependent size (nonzero's count)",
 }
 # Ops with no rule on purpose that the zoo holds inside residual blocks: insert() makes their block an opaque
 # region (the original computation, a side FFN beside it), so inserted dims never reach them either.
@@ -175,7 +208,16 @@ OPAQUE = {"conv1d": "the causal depthwise conv of a Mamba mixer (mamba_minimal)"
 # Ops refused on purpose when inserted dims reach them (propagate_companions' routing list, and the `index`
 # rule's data-dependent case): token routing gathers rows by values the inserted dims must not steer. Inside a
 # residual block such a refusal (or any op without a rule, e.g. conv1d) makes the block an opaque region.
-REFUSED = {"index_put", "index_add", "index_select", "scatter", "scatter_add", "gather", "nonzero"}
+# Ops the zoo holds only inside mixture-of-experts regions (router, dispatch, experts: the original computation,
+# found from the routing selection, inserted dims never reach them): no rule needed.
+IN_ROUTED_REGIONS = {
+    "one_hot": "nanoMoE's expert and capacity masks", "scatter_": "top-k scores / routing map written in place",
+    "argsort": "torchtitan's token order by expert", "_grouped_mm": "torchtitan's grouped expert GEMMs",
+    "deterministic_scatter_add": "torchtitan's combine (a custom op)", "floor_divide": "token index // top_k",
+    "unflatten": "torchtitan's expert groups",
+}
+REFUSED = {"index_put", "index_put_", "index_add", "index_select", "scatter", "scatter_add", "gather", "nonzero",
+           "topk"}  # (topk: a routing selection, the seed of its mixture-of-experts region)
 
 
 def _graph_ops(nodes) -> dict[str, tuple[str, str]]:
@@ -191,7 +233,7 @@ def _audit(graphs: dict) -> list[str]:
     problems = []
     for label, nodes in graphs.items():
         for op, (node, module) in sorted(_graph_ops(nodes).items()):
-            if op in RULES or op in UNTOUCHED or op in OPAQUE or op in REFUSED:  # (REFUSED: none reached, below)
+            if op in RULES or op in UNTOUCHED or op in OPAQUE or op in REFUSED or op in IN_ROUTED_REGIONS:
                 continue
             problems.append(f"{label}: aten op '{op}' (node '{node}', module '{module}') has no rule in "
                             f"otter_surgery/oprules.py and is not listed as untouched/refused in this audit")
@@ -218,13 +260,15 @@ def test_op_audit_zoo():
         # untouched ops really carry no inserted dims (no companion flows into one; SeedResidual's own lookup
         # into an inserted table reads a parameter, not a companion)
         fed = [n for n in inserted if n.op == "call_function" and any(a in inserted for a in n.all_input_nodes)]
-        touched = sorted({op_name(n) for n in fed} & (set(UNTOUCHED) | set(OPAQUE) | REFUSED))
+        touched = sorted({op_name(n) for n in fed} & (set(UNTOUCHED) | set(OPAQUE) | REFUSED | set(IN_ROUTED_REGIONS) - {"unflatten"}))
+        # (unflatten: the vocab-sized signal heads emit one of their own)
         assert touched == [], f"{name}: inserted dims reach {touched}"
         originals[name] = [n for n in gm.graph.nodes if n not in inserted]
     assert _audit(originals) == []
     assert not REFUSED & set(RULES), "an op refused on purpose has a rule"
     assert not set(UNTOUCHED) & set(RULES), "an op listed as untouched has a rule"
     assert not set(OPAQUE) & set(RULES), "an op listed as opaque has a rule"
+    assert not set(IN_ROUTED_REGIONS) & set(RULES), "an op listed as inside routed regions only has a rule"
 
 
 @pytest.mark.slow
