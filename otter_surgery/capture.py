@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import logging
 import operator
 import re
 import sys
@@ -18,6 +19,9 @@ from torch import nn
 
 from .errors import CaptureError
 from .graph_utils import WRAPPED
+from .leaves import as_leaves, branching_module, check_leaves
+
+log = logging.getLogger(__name__)
 
 
 class _Wrapper(nn.Module):
@@ -63,6 +67,8 @@ class Captured:
     # export's guards: Python conditions on the inputs' sizes (e.g. a capacity computed from batch * seq and
     # specialized to the probe's value) under which the graph is the model's computation; see shape_guards()
     guards: tuple[str, ...] = ()
+    # submodules whose Python branches on tensor values, each captured as one opaque call (otter_surgery.leaves)
+    leaves: tuple[str, ...] = ()
 
 
 def is_transformers_model(model: nn.Module) -> bool:
@@ -193,28 +199,46 @@ def _export(model: nn.Module, takes_mask: bool, strategy: str, shape: tuple[int,
     static = _STATIC[strategy]
     dyn = {k: {d: torch.export.Dim.DYNAMIC for d in (0, 1) if d not in static} or None for k in kwargs}
     wrapper = LogitsOnly(model, takes_mask)
-    try:
-        with eval_mode(model), torch.no_grad():
-            ep = _on_eager_branches(model, lambda: torch.export.export(wrapper, (), kwargs=kwargs, dynamic_shapes=dyn,
-                                                                       strict=False))
-    except Exception as exc:  # torch.export raises many types; name the cause and keep the chain
-        if _data_dependent(exc):
-            raise DataDependentControlFlow(f"torch.export could not capture {type(model).__name__}: its Python branches on a "
-                               f"tensor's values (data-dependent control flow{_user_line(exc)}), e.g. a "
-                               "mixture-of-experts loop over the experts a batch hits (`for e in torch.unique(ids)`, "
-                               "`if counts[i] == 0: continue`, `.item()` / `.tolist()` steering Python), which export "
-                               "cannot trace for every input; a dispatch in tensor ops (torch.where / index_put, "
-                               "one_hot masks, argsort + grouped mm) is supported") from exc
-        if "specialized it to be a constant" in str(exc) and strategy != CAPTURE_STRATEGIES[-1]:
-            line = next(x for x in str(exc).splitlines() if "specialized it to be a constant" in x)
-            raise _Specialized(f"{strategy}: {line.strip(' -')}") from exc
-        where = "" if shape is None else f" for inputs of shape {tuple(shape)}"
-        raise CaptureError(f"torch.export could not capture {type(model).__name__}{where} "
-                           f"(strategy {strategy!r}): {exc}") from exc
+    leaves: list[nn.Module] = []  # modules that branch on tensor values, captured as one node each
+    while True:
+        try:
+            with eval_mode(model), torch.no_grad(), as_leaves(leaves):
+                ep = _on_eager_branches(model, lambda: torch.export.export(wrapper, (), kwargs=kwargs,
+                                                                           dynamic_shapes=dyn, strict=False))
+            break
+        except Exception as exc:  # torch.export raises many types; name the cause and keep the chain
+            found = branching_module(model, exc) if _data_dependent(exc) else None
+            if found is None or found in leaves:
+                _raise_capture_error(model, exc, strategy, shape)
+            with eval_mode(model):
+                check_leaves([found], lambda: wrapper(**kwargs))
+            # every module of its class runs the same code: all become leaves at once (one retry, not one per layer)
+            leaves += [m for m in model.modules() if type(m) is type(found) and m not in leaves]
+            log.info("%s branches on tensor values: captured as a leaf (%d modules)", type(found).__name__,
+                     len(leaves))
     gm = _to_graph_module(ep)
     _inline_autocast_off(gm)
+    paths = {id(m): name for name, m in model.named_modules()}
     return Captured(gm, takes_mask, strategy, _seq_max(ep, kwargs["input_ids"]) if 1 not in static else None,
-                    tuple(getattr(ep, "_guards_code", ()) or ()))
+                    tuple(getattr(ep, "_guards_code", ()) or ()), tuple(paths[id(m)] for m in leaves))
+
+
+def _raise_capture_error(model: nn.Module, exc: Exception, strategy: str, shape) -> None:
+    """The CaptureError export's failure `exc` means (chained to it)."""
+    if _data_dependent(exc):  # in the model's own forward, or in a module a leaf cannot stand for
+        raise DataDependentControlFlow(
+            f"torch.export could not capture {type(model).__name__}: its Python branches on a tensor's values "
+            f"(data-dependent control flow{_user_line(exc)}), e.g. a mixture-of-experts loop over the experts a "
+            "batch hits (`for e in torch.unique(ids)`, `if counts[i] == 0: continue`, `.item()` / `.tolist()` "
+            "steering Python), outside any submodule that maps one tensor to one tensor of its shape (such a "
+            "module is kept as one leaf of the graph); a dispatch in tensor ops (torch.where / index_put, "
+            "one_hot masks, argsort + grouped mm) is supported") from exc
+    if "specialized it to be a constant" in str(exc) and strategy != CAPTURE_STRATEGIES[-1]:
+        line = next(x for x in str(exc).splitlines() if "specialized it to be a constant" in x)
+        raise _Specialized(f"{strategy}: {line.strip(' -')}") from exc
+    where = "" if shape is None else f" for inputs of shape {tuple(shape)}"
+    raise CaptureError(f"torch.export could not capture {type(model).__name__}{where} "
+                       f"(strategy {strategy!r}): {exc}") from exc
 
 
 class ShapeGuards:

@@ -407,8 +407,10 @@ class RecomputeDecoder:
         if self.omodel.takes_mask:
             kwargs["attention_mask"] = state.mask
         out = self.omodel(**kwargs)
-        signals = {k: getattr(out, k)[:, -new:] for k in self.signals}
-        return StepOutput(out.logits[:, -new:], signals), state
+        logits, signals = out.logits, {k: getattr(out, k) for k in self.signals}
+        if logits.dim() == 2:  # the model returns its last position only (`logits[:, -1]`): a position axis of one
+            logits, signals = logits[:, None], {k: v[:, None] for k, v in signals.items()}
+        return StepOutput(logits[:, -new:], {k: v[:, -new:] for k, v in signals.items()}), state
 
     def start(self, input_ids, attention_mask):
         if not self.omodel.takes_mask and not bool(attention_mask.all()):
@@ -422,7 +424,14 @@ class RecomputeDecoder:
         mask = torch.cat([state.mask, state.mask.new_ones(tokens.shape)], 1)
         return self._run(replace(state, mask=mask, tokens=torch.cat([state.tokens, tokens], 1)), tokens.shape[1])
 
-    verify = step  # the full graph returns every position's logits
+    def verify(self, tokens, state):
+        """`step`, keeping every new position: the full graph's logits cover them all, unless the model
+        returns its last position only (nanoGPT's `logits[:, [-1]]`, DeepSeek-V3's `logits[:, -1]`)."""
+        out, state = self.step(tokens, state)
+        if out.logits.shape[1] != tokens.shape[1]:
+            raise OtterError("speculative decoding checks every drafted position, but this model returns logits "
+                             f"for its last position only ({tuple(out.logits.shape)} for {tokens.shape[1]} new tokens)")
+        return out, state
 
 
 def decoder(omodel: OtterModel) -> CachedDecoder | RecomputeDecoder:

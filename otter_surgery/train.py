@@ -62,7 +62,13 @@ class TrainingDiverged(OtterError, FloatingPointError):
 
 
 def _reward_last(omodel: OtterModel, ids, mask) -> torch.Tensor:
-    reward = omodel(input_ids=ids, attention_mask=mask).reward
+    out = omodel(input_ids=ids, attention_mask=mask)
+    reward = out.reward
+    if out.logits.dim() == 2:  # a model that returns its last position only (`logits[:, -1]`, many plain decoders)
+        if not bool(mask.all()):  # a padded row's last position is not its last token: run each row on its own
+            rows = [ids[i][mask[i].bool()][None] for i in range(ids.shape[0])]
+            return torch.cat([_reward_last(omodel, r, torch.ones_like(r)) for r in rows])
+        return reward if reward.dim() == 1 else reward[:, 0]
     last = last_token_index(mask)
     r = reward[torch.arange(ids.shape[0]), last]
     return r if r.dim() == 1 else r[:, 0]
@@ -102,6 +108,14 @@ def _to_model(model, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return tuple(t.to(device) for t in tensors)
 
 
+def _every_position(out, objective: str):
+    if out.logits.dim() == 2:
+        raise OtterError(f"the {objective!r} objective learns from every position, but this model returns logits "
+                         f"for its last position only ({tuple(out.logits.shape)}); the reward objectives "
+                         "(regression, pairwise) need only the last one")
+    return out
+
+
 def batch_loss(omodel: OtterModel, examples: list[dict], objective: str, *, pad_id: int = 0,
                alpha: float = 1.0) -> tuple[torch.Tensor, dict]:
     """Loss of one batch and its metrics (pair accuracy for pairwise, ...)."""
@@ -126,7 +140,7 @@ def batch_loss(omodel: OtterModel, examples: list[dict], objective: str, *, pad_
         score = torch.tensor([float(e["score"]) for e in examples], device=r.device)
         loss = F.mse_loss(r, score)
         return loss, {"mse": loss.item()}
-    out = omodel(input_ids=ids, attention_mask=mask)
+    out = _every_position(omodel(input_ids=ids, attention_mask=mask), objective)
     if objective == "calibration":
         steered = out.logits.detach().float() + alpha * out.calibration.float()
         loss = _next_token_ce(steered, ids, mask, 1)

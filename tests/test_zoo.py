@@ -37,7 +37,9 @@ def base_greedy(model, ids, steps):
     """The base model's own greedy loop: run the whole sequence, argmax of the last position."""
     with torch.no_grad():
         for _ in range(steps):
-            nxt = reference_logits(model, {"input_ids": ids})[:, -1].argmax(-1, keepdim=True)
+            logits = reference_logits(model, {"input_ids": ids})
+            last = logits[:, -1] if logits.dim() == 3 else logits  # (DeepSeek-V3 returns its last position only)
+            nxt = last.argmax(-1, keepdim=True)
             ids = torch.cat([ids, nxt], 1)
     return ids
 
@@ -198,13 +200,15 @@ UNTOUCHED = {
     "arange": "positions from the sequence length", "embedding": "token lookup (SeedResidual adds the companion)",
     "full": "mask construction", "zeros": "mask construction", "ones": "mask construction",
     "hstack": "mask construction (meta-llama)", "tril": "mask construction",
-    "triu": "mask construction", "cumsum": "positions from the padding mask", "__and__": "mask combination",
+    "triu": "mask construction", "triu_": "mask construction, in place (DeepSeek-V3)", "cumsum": "positions from the padding mask", "__and__": "mask combination",
     "sym_size": "shape inspection", "_assert_tensor_metadata": "shape/dtype inspection",
     "sym_numel": "shape inspection", "_assert_scalar": "runtime check of a data-dependent size (nonzero's count)",
 }
 # Ops with no rule on purpose that the zoo holds inside residual blocks: insert() makes their block an opaque
 # region (the original computation, a side FFN beside it), so inserted dims never reach them either.
-OPAQUE = {"conv1d": "the causal depthwise conv of a Mamba mixer (mamba_minimal)"}  # (RWKV: region from a refused mul)
+OPAQUE = {"conv1d": "the causal depthwise conv of a Mamba mixer (mamba_minimal)",
+          "opaque_module": "a module branching on tensor values, captured as one leaf (DeepSeek-V3's and "
+                           "LLMs-from-scratch's expert loops; otter_surgery.leaves)"}  # (RWKV: region from a refused mul)
 # Ops refused on purpose when inserted dims reach them (propagate_companions' routing list, and the `index`
 # rule's data-dependent case): token routing gathers rows by values the inserted dims must not steer. Inside a
 # residual block such a refusal (or any op without a rule, e.g. conv1d) makes the block an opaque region.

@@ -1,0 +1,135 @@
+"""Modules whose Python branches on tensor values (a mixture-of-experts loop over the experts a batch hits) are
+captured as one leaf node each (otter_surgery.leaves): the model inserts bit-identically, its residual block
+around the leaf becomes an opaque region with a dense inserted FFN beside it, gradients reach every inserted
+parameter, and the user's model is left as it was. Branching outside any such module is still refused."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import otter_surgery as otter
+from otter_surgery.capture import CaptureError, DataDependentControlFlow, capture
+from otter_surgery.verify import bits_equal, reference_logits
+
+from .conftest import state_digest
+
+SPEC = otter.InsertSpec(extra_dim=4, extra_heads=None, extra_ffn=8, signal="reward")
+
+
+class LoopMoE(nn.Module):
+    """DeepSeek-V3-style dispatch: skip the experts no token was routed to (`.tolist()` steering Python)."""
+
+    def __init__(self, d, n=4, k=2, reshape=False):
+        super().__init__()
+        self.gate = nn.Linear(d, n, bias=False)
+        self.experts = nn.ModuleList(nn.Sequential(nn.Linear(d, 2 * d), nn.SiLU(), nn.Linear(2 * d, d)) for _ in range(n))
+        self.k, self.reshape = k, reshape
+
+    def forward(self, x):
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        weights, idx = self.gate(x).softmax(-1).topk(self.k, -1)
+        y = torch.zeros_like(x)
+        counts = torch.bincount(idx.flatten(), minlength=len(self.experts)).tolist()
+        for i, expert in enumerate(self.experts):
+            if counts[i] == 0:
+                continue
+            rows, slot = torch.where(idx == i)
+            y[rows] += expert(x[rows]) * weights[rows, slot, None]
+        return y if self.reshape else y.view(shape)
+
+
+class Block(nn.Module):
+    def __init__(self, d, ffn):
+        super().__init__()
+        self.n1, self.n2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.q, self.k, self.v, self.proj = (nn.Linear(d, d) for _ in range(4))
+        self.ffn = ffn
+
+    def forward(self, x):
+        b, t, d = x.shape
+        h = self.n1(x)
+        q, k, v = (lin(h).view(b, t, 2, d // 2).transpose(1, 2) for lin in (self.q, self.k, self.v))
+        x = x + self.proj(F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, t, d))
+        return x + self.ffn(self.n2(x))
+
+
+class Decoder(nn.Module):
+    def __init__(self, vocab=50, d=16, layers=2, ffn=LoopMoE, top_level_branch=False):
+        super().__init__()
+        self.emb, self.norm, self.head = nn.Embedding(vocab, d), nn.LayerNorm(d), nn.Linear(d, vocab, bias=False)
+        self.blocks = nn.ModuleList(Block(d, ffn(d)) for _ in range(layers))
+        self.top_level_branch = top_level_branch
+
+    def forward(self, idx):
+        x = self.emb(idx)
+        for block in self.blocks:
+            x = block(x)
+        if self.top_level_branch and int(idx.max()) > 40:  # a branch on values outside any submodule
+            x = x * 2
+        return self.head(self.norm(x))
+
+
+def _built(**kwargs):
+    torch.manual_seed(0)
+    return Decoder(**kwargs).eval()
+
+
+def test_a_branching_moe_block_is_a_leaf_and_the_model_inserts_bit_identically():
+    model = _built()
+    before = state_digest(model)
+    captured = capture(model)
+    assert captured.leaves == ("blocks.0.ffn", "blocks.1.ffn")  # every module of the class, in one retry
+    calls = [n for n in captured.graph_module.graph.nodes if "opaque_module" in str(n.target)]
+    assert len(calls) == 2
+    assert all("forward" not in m.__dict__ for m in model.modules())  # the capture-time patch is gone
+    omodel = otter.insert(model, SPEC)
+    gen = torch.Generator().manual_seed(1)
+    for shape in [(1, 1), (2, 7), (3, 19)]:  # other shapes route to other experts (other Python branches)
+        ids = torch.randint(0, 50, shape, generator=gen)
+        with torch.no_grad():
+            assert bits_equal(omodel(input_ids=ids).logits, reference_logits(model, {"input_ids": ids})), shape
+    assert otter.verify(model, omodel, max_examples=50, max_seq=16).examples == 50
+    # the block around each leaf is an opaque region: a dense inserted FFN beside it; gradients reach every
+    # inserted parameter (through the leaf too: the reward reads e, which later blocks mix with the leaf's output)
+    names = list(omodel.inserted_parameters())
+    assert any(k.startswith("blocks.0.ffn.side_ffn.") for k in names)  # beside the leaf's block
+    assert any(k.startswith("blocks.0.q.") for k in names)  # attention keeps its inserted heads
+    omodel(input_ids=torch.randint(0, 50, (2, 9), generator=gen)).reward.pow(2).sum().backward()
+    assert [k for k, p in omodel.inserted_parameters().items() if p.grad is None or not bool(p.grad.abs().sum() > 0)] == []
+    assert all(p.grad is None for p in model.parameters())
+    result = otter.train(otter.insert(model, SPEC), [{"input_ids": [1, 2, 3, 4, 5][: 2 + i % 4], "score": 1.0}
+                                                     for i in range(16)], "regression", steps=20, lr=1e-2,
+                         progress=False)
+    assert result.losses[-1] < result.losses[0]
+    prompt = torch.randint(0, 50, (2, 4), generator=gen)
+    want = prompt
+    with torch.no_grad():
+        for _ in range(4):
+            want = torch.cat([want, model(want)[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(otter.generate(omodel, prompt, max_new_tokens=4).sequences, want)
+    assert state_digest(model) == before
+
+
+def test_the_leaf_gradient_is_the_modules_own():
+    """The leaf's backward re-runs the module under autograd: the same input gradient as the eager module."""
+    from otter_surgery.leaves import _key
+
+    torch.manual_seed(0)
+    moe = LoopMoE(8)
+    x = torch.randn(3, 5, 8, requires_grad=True)
+    moe(x).pow(2).sum().backward()
+    want = x.grad.clone()
+    x.grad = None
+    torch.ops.otter_surgery.opaque_module(x, _key(moe)).pow(2).sum().backward()
+    assert torch.equal(x.grad, want)
+
+
+def test_branching_outside_a_leaf_is_refused_naming_the_reason():
+    with pytest.raises(DataDependentControlFlow, match="data-dependent control flow.*test_leaves.py:"):
+        otter.insert(_built(ffn=lambda d: nn.Linear(d, d), top_level_branch=True), SPEC)
+
+
+def test_a_branching_module_that_changes_its_input_shape_cannot_be_a_leaf():
+    with pytest.raises(CaptureError, match="LoopMoE.*one tensor shaped like its input"):
+        otter.insert(_built(ffn=lambda d: LoopMoE(d, reshape=True)), SPEC)
