@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import io
 import logging
 import operator
 import re
@@ -202,7 +203,7 @@ def _export(model: nn.Module, takes_mask: bool, strategy: str, shape: tuple[int,
     leaves: list[nn.Module] = []  # modules that branch on tensor values, captured as one node each
     while True:
         try:
-            with eval_mode(model), torch.no_grad(), as_leaves(leaves):
+            with eval_mode(model), torch.no_grad(), as_leaves(leaves), _quiet_shape_warnings():
                 ep = _on_eager_branches(model, lambda: torch.export.export(wrapper, (), kwargs=kwargs,
                                                                            dynamic_shapes=dyn, strict=False))
             break
@@ -221,6 +222,29 @@ def _export(model: nn.Module, takes_mask: bool, strategy: str, shape: tuple[int,
     paths = {id(m): name for name, m in model.named_modules()}
     return Captured(gm, takes_mask, strategy, _seq_max(ep, kwargs["input_ids"]) if 1 not in static else None,
                     tuple(getattr(ep, "_guards_code", ()) or ()), tuple(paths[id(m)] for m in leaves))
+
+
+@contextlib.contextmanager
+def _quiet_shape_warnings():
+    """When export meets data-dependent control flow it warns through its symbolic-shapes logger and prints the
+    whole partial graph to stderr; capture turns that into a leaf, or a CaptureError of its own whose chain
+    keeps export's exception (and the graph, as its partial_fx_graph). Everything else on stderr is kept."""
+    logger = logging.getLogger("torch.fx.experimental.symbolic_shapes")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    buffer = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(buffer):
+            yield
+    except Exception as exc:
+        graph = getattr(exc, "partial_fx_graph", None)
+        text = buffer.getvalue()
+        sys.stderr.write(text.replace(f"{graph}\n", "") if graph is not None else text)
+        raise
+    else:
+        sys.stderr.write(buffer.getvalue())
+    finally:
+        logger.setLevel(level)
 
 
 def _raise_capture_error(model: nn.Module, exc: Exception, strategy: str, shape) -> None:

@@ -15,6 +15,7 @@ The user's model is not modified: the module's `forward` is replaced on the inst
 from __future__ import annotations
 
 import contextlib
+import inspect
 import itertools
 import weakref
 
@@ -79,8 +80,9 @@ opaque_module.register_autograd(_backward, setup_context=_setup)
 
 
 def branching_module(model: nn.Module, exc: BaseException) -> nn.Module | None:
-    """The innermost submodule of `model` whose own forward was running where export stopped (from the
-    tracebacks of `exc` and its causes), or None (the branch is in the model's top-level forward)."""
+    """The innermost submodule of `model` that can stand as a leaf (its forward takes one tensor) and whose own
+    forward was running where export stopped (from the tracebacks of `exc` and its causes), or None (the branch
+    is in the model's top-level forward, or in modules called with several inputs)."""
     owned = {id(m): m for m in model.modules() if m is not model}
     found = None
     seen = set()
@@ -90,11 +92,21 @@ def branching_module(model: nn.Module, exc: BaseException) -> nn.Module | None:
         while tb is not None:
             frame = tb.tb_frame
             module = frame.f_locals.get("self")
-            if frame.f_code.co_name == "forward" and id(module) in owned:
+            if frame.f_code.co_name == "forward" and id(module) in owned and _one_input(module):
                 found = module  # frames run outermost to innermost: the last one wins
             tb = tb.tb_next
         exc = exc.__cause__ or exc.__context__
     return found
+
+
+def _one_input(module: nn.Module) -> bool:
+    """Whether the module's forward takes exactly one required argument (the tensor a leaf passes on)."""
+    try:
+        params = list(inspect.signature(type(module).forward).parameters.values())[1:]  # (self)
+    except (TypeError, ValueError):
+        return False
+    required = [p for p in params if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return len(required) == 1 and params[0] is required[0]
 
 
 def check_leaves(modules, run) -> None:

@@ -133,3 +133,28 @@ def test_branching_outside_a_leaf_is_refused_naming_the_reason():
 def test_a_branching_module_that_changes_its_input_shape_cannot_be_a_leaf():
     with pytest.raises(CaptureError, match="LoopMoE.*one tensor shaped like its input"):
         otter.insert(_built(ffn=lambda d: LoopMoE(d, reshape=True)), SPEC)
+
+
+class _ScaledLoopMoE(LoopMoE):
+    """The same expert loop behind a forward with a second required input: it cannot stand as a one-tensor leaf,
+    but the module that calls it can."""
+
+    def forward(self, x, scale):
+        return super().forward(x) * scale
+
+
+class _Wrapped(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.inner = _ScaledLoopMoE(d)
+
+    def forward(self, x):
+        return self.inner(x, 0.5)
+
+
+def test_the_leaf_is_the_innermost_module_that_takes_one_tensor():
+    model = _built(ffn=_Wrapped)
+    assert capture(model).leaves == ("blocks.0.ffn", "blocks.1.ffn")
+    ids = torch.randint(0, 50, (2, 6), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert bits_equal(otter.insert(model, SPEC)(input_ids=ids).logits, model(ids))
