@@ -51,7 +51,7 @@ def insert(model: nn.Module, spec: InsertSpec | None = None) -> OtterModel:
     meta = OtterMeta(spec, ("logits", *spec.signals), captured.takes_mask, dict(ctx.param_names),
                      base_class=f"{type(model).__module__}.{type(model).__qualname__}",
                      base_model_type=getattr(getattr(model, "config", None), "model_type", None),
-                     base_config=_config_dict(model), capture_strategy=captured.strategy)
+                     base_config=_config_dict(model), capture_strategy=captured.strategy, leaves=captured.leaves)
     omodel = OtterModel(gm, meta, base_model=model)
     # Graphs per length/shape when the model's code fixes or bounds the sequence length (otter_surgery.lengths)
     first = tuple(example_inputs(model, captured.takes_mask)["input_ids"].shape)

@@ -39,6 +39,7 @@ class OtterMeta:
     base_config: dict | None = None  # the user's model config (to_dict()), for merged checkpoints
     form: str = "side-car"  # "side-car" (insert) or "fused" (fuse / merged checkpoints)
     capture_strategy: str = "dynamic"  # capture.CAPTURE_STRATEGIES: one graph, or one per length / shape
+    leaves: tuple[str, ...] = ()  # modules captured as one opaque call each (they branch on tensor values)
 
     def __post_init__(self):  # a read-only view: the names must not drift from the graph's attributes
         object.__setattr__(self, "param_names", MappingProxyType(dict(self.param_names)))
@@ -64,6 +65,7 @@ class OtterModel(nn.Module):
     base_config = property(lambda self: self.meta.base_config)
     form = property(lambda self: self.meta.form)
     capture_strategy = property(lambda self: self.meta.capture_strategy)
+    leaves = property(lambda self: self.meta.leaves)
 
     @property
     def base_model(self) -> nn.Module | None:

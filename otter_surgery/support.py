@@ -127,6 +127,7 @@ class SupportRow:
     decode_note: str = ""
     strategy: str = ""  # how the sequence length was captured (capture.CAPTURE_STRATEGIES)
     moe: bool = False  # the captured graph selects experts (a value-dependent choice of indices: moe._selects)
+    leaves: int = 0  # modules captured as leaves (their Python branches on tensor values: otter_surgery.leaves)
 
 
 def check_family(arch: str) -> SupportRow:
@@ -206,6 +207,9 @@ def _check(row: SupportRow, make) -> SupportRow:
             omodel = otter.insert(model, otter.InsertSpec(extra_dim=4, extra_heads=step, extra_ffn=8))
             row.inserted = True
             row.strategy = omodel.capture_strategy
+            row.leaves = len(omodel.leaves)
+            if omodel.leaves and dtype == torch.float32:  # routing hidden inside a leaf is routing all the same
+                row.moe = row.moe or _leaves_select(model, omodel.leaves, batches[0])
             with torch.no_grad():
                 equal = all(bits_equal(omodel(**batch).logits, w) for batch, w in zip(batches, want))
             setattr(row, "fp32" if dtype == torch.float32 else "bf16", equal)
@@ -216,6 +220,41 @@ def _check(row: SupportRow, make) -> SupportRow:
             row.note = _describe(exc)
             break
     return row
+
+
+def _leaves_select(model, leaves, batch) -> bool:
+    """Whether a leaf module chooses among indices by value (torch.topk / sort / argsort, as a router does) when
+    the model runs once eagerly: the MoE test of the graph (moe._selects), applied inside leaves."""
+    import torch
+    from torch.overrides import TorchFunctionMode
+
+    from otter_surgery.verify import reference_logits
+
+    inside, called = [0], set()
+
+    class Record(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if inside[0]:
+                called.add(getattr(func, "__name__", ""))
+            return func(*args, **(kwargs or {}))
+
+    def enter(*_):
+        inside[0] += 1
+
+    def leave(*_):
+        inside[0] -= 1
+
+    hooks = []
+    for path in leaves:
+        module = model.get_submodule(path)
+        hooks += [module.register_forward_pre_hook(enter), module.register_forward_hook(leave)]
+    try:
+        with Record():
+            reference_logits(model, batch)
+    finally:
+        for h in hooks:
+            h.remove()
+    return bool(called & {"topk", "sort", "argsort"})
 
 
 def check_plain_decoding(model, omodel, ids) -> tuple[bool, str]:
@@ -231,7 +270,9 @@ def check_plain_decoding(model, omodel, ids) -> tuple[bool, str]:
         want = ids
         with torch.no_grad():
             for _ in range(5):
-                nxt = reference_logits(model, {"input_ids": want})[:, -1].argmax(-1, keepdim=True)
+                logits = reference_logits(model, {"input_ids": want})
+                last = logits[:, -1] if logits.dim() == 3 else logits  # (a decoder returning its last position)
+                nxt = last.argmax(-1, keepdim=True)
                 want = torch.cat([want, nxt], 1)
     except Exception as exc:
         return False, _describe(exc)
@@ -315,6 +356,8 @@ def markdown(rows: list[SupportRow]) -> str:
     for r in rows:
         note = (r.note or r.decode_note).replace("|", "/").replace("\n", " ")
         note += f" (captured {r.strategy})" if r.strategy not in ("", "dynamic") else ""
+        note += (f" ({r.leaves} module{'s' if r.leaves > 1 else ''} captured as leaves: Python branching on "
+                 "tensor values)") if r.leaves else ""
         lines.append(f"| {r.arch} | {yes[r.captured]} | {yes[r.moe] if r.captured else '?'} | {yes[r.inserted]} | {yes[r.fp32]} | {yes[r.bf16]} | "
                      f"{yes[r.decodes]} | {note} |")
     return "\n".join(lines)
