@@ -297,6 +297,7 @@ def _loop(omodel, model, opt, schedule, max_grad_norm, accelerator, rank: int, w
             total += loss.detach().double().cpu() / grad_accum
         if max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        lr = opt.param_groups[0]["lr"]  # (this step's; the schedule moves it on)
         opt.step()
         schedule.step()
         if accelerator is not None:  # the mean over ranks: the global batch's loss (equal slices)
@@ -307,7 +308,7 @@ def _loop(omodel, model, opt, schedule, max_grad_norm, accelerator, rank: int, w
         if not math.isfinite(total):
             if bar is not None:
                 bar.close()
-            _diverged(params, last_finite, result, step, steps, opt)
+            _diverged(params, last_finite, before, result, step, steps, lr)
         last_finite = before
         if bar is not None:
             bar.update(1)
@@ -332,13 +333,13 @@ def _loop(omodel, model, opt, schedule, max_grad_norm, accelerator, rank: int, w
     return result
 
 
-def _diverged(params, last_finite, result: TrainResult, step: int, steps: int, opt) -> None:
+def _diverged(params, last_finite, before, result: TrainResult, step: int, steps: int, lr: float) -> None:
     """Stop with a clear error instead of leaving NaN parameters behind: the original logits would stay exact,
-    but every inserted signal would be NaN from then on."""
+    but every inserted signal would be NaN from then on. `before`: the parameters before this step's update
+    (the ones to put back when even the first loss was not finite)."""
     with torch.no_grad():
-        for p, saved in zip(params, last_finite or ()):
+        for p, saved in zip(params, last_finite if last_finite is not None else before):
             p.copy_(saved)
-    lr = opt.param_groups[0]["lr"]
     previous = f" (step {step - 1}: {result.losses[-2]:.4g})" if step > 1 else ""
     restored = (f"the inserted parameters are put back to those step {step - 1} computed its finite loss with"
                 if last_finite is not None else "the inserted parameters are left as they were before training")

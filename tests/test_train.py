@@ -297,3 +297,19 @@ def test_lr_schedule_warmup_and_gradient_clipping_follow_transformers(tiny_llama
                           ({"warmup_steps": 9}, "warmup_steps"), ({"max_grad_norm": 0.0}, "max_grad_norm")]:
         with pytest.raises(ValueError, match=field):
             otter.train(omodel, _scored(), "regression", steps=3, progress=False, **kwargs)
+
+
+def test_a_first_step_that_diverges_leaves_the_parameters_as_they_were(tiny_llama, monkeypatch):
+    """Even the first loss NaN (here: a batch loss forced to NaN): the inserted parameters are put back to
+    their values before training, not left as the NaN update made them."""
+    import importlib
+
+    train_module = importlib.import_module("otter_surgery.train")  # (otter_surgery.train is also the function)
+
+    omodel = otter.insert(tiny_llama, otter.InsertSpec(extra_dim=8, extra_heads=3, extra_ffn=8))
+    want = {k: p.detach().clone() for k, p in omodel.inserted_parameters().items()}
+    real = train_module.batch_loss
+    monkeypatch.setattr(train_module, "batch_loss", lambda *a, **k: (real(*a, **k)[0] * float("nan"), {}))
+    with pytest.raises(otter.TrainingDiverged, match="step 1 of 5.*before training"):
+        otter.train(omodel, _scored(), "regression", steps=5, progress=False)
+    assert all(torch.equal(p, want[k]) for k, p in omodel.inserted_parameters().items())
