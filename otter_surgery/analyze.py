@@ -78,7 +78,8 @@ class Analysis:
         self.residual = self._residual_stream()
         # Routed (mixture-of-experts) blocks and opaque blocks: each is one region whose nodes get no inserted
         # dims, so routing reads only original dims; its output's companion is computed beside it (moe.py).
-        self.moe_regions = find_regions(self.dataflow, self.graph, self.token_embedding, self.residual, opaque)
+        self.moe_regions = find_regions(self.dataflow, self.graph, self.token_embedding, self.residual, opaque,
+                                        lambda node: self._stream_from([node]))
         self.moe_nodes = {n: r for r in self.moe_regions for n in r.nodes}
         self.residual -= set(self.moe_nodes)
         self.roles = {node: self._role(node) for node in self.linears if node not in self.moe_nodes}
@@ -94,7 +95,10 @@ class Analysis:
         raise UnsupportedGraphError(ids, "no embedding lookup reads input_ids; cannot find the residual stream")
 
     def _residual_stream(self) -> set[fx.Node]:
-        seen, todo = set(), list(self.stream_embeddings)
+        return self._stream_from(self.stream_embeddings)
+
+    def _stream_from(self, starts) -> set[fx.Node]:
+        seen, todo = set(), list(starts)
         while todo:
             n = todo.pop()
             if n in seen:

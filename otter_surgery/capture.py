@@ -20,7 +20,7 @@ from torch import nn
 
 from .errors import CaptureError
 from .graph_utils import WRAPPED
-from .leaves import as_leaves, branching_module, check_leaves
+from .leaves import as_leaves, branching_modules, check_leaves, diverging_modules
 
 log = logging.getLogger(__name__)
 
@@ -206,22 +206,63 @@ def _export(model: nn.Module, takes_mask: bool, strategy: str, shape: tuple[int,
             with eval_mode(model), torch.no_grad(), as_leaves(leaves), _quiet_shape_warnings():
                 ep = _on_eager_branches(model, lambda: torch.export.export(wrapper, (), kwargs=kwargs,
                                                                            dynamic_shapes=dyn, strict=False))
-            break
         except Exception as exc:  # torch.export raises many types; name the cause and keep the chain
-            found = branching_module(model, exc) if _data_dependent(exc) else None
-            if found is None or found in leaves:
-                _raise_capture_error(model, exc, strategy, shape)
-            with eval_mode(model):
-                check_leaves([found], lambda: wrapper(**kwargs))
-            # every module of its class runs the same code: all become leaves at once (one retry, not one per layer)
-            leaves += [m for m in model.modules() if type(m) is type(found) and m not in leaves]
-            log.info("%s branches on tensor values: captured as a leaf (%d modules)", type(found).__name__,
-                     len(leaves))
-    gm = _to_graph_module(ep)
+            found = [_leaf_among(model, wrapper, kwargs, branching_modules(model, exc) if _data_dependent(exc) else [],
+                                 leaves, exc, strategy, shape)]
+            why = "branches on tensor values"
+        else:
+            gm = _to_graph_module(ep)
+            # A module whose eager forward takes a fast path that export cannot see (nn.TransformerEncoderLayer's
+            # fused kernel) gives a graph that differs from the model in the last bits; such modules run as leaves.
+            found = [] if _reproduces(model, gm, wrapper, kwargs) else \
+                [m for m in diverging_modules(model, lambda: run_eager(model, wrapper, kwargs)) if m not in leaves]
+            if not found:
+                break  # (a graph that still differs is refused by insert's probe, naming the shapes)
+            why = "computes other bits eagerly than under export (a fast path)"
+        with eval_mode(model):
+            check_leaves(found, lambda: wrapper(**kwargs))
+        # every module of its class runs the same code: all become leaves at once (one retry, not one per layer)
+        leaves += [m for m in model.modules() if type(m) in {type(f) for f in found} and m not in leaves]
+        log.info("%s %s: captured as leaves (%d modules)", ", ".join(sorted({type(f).__name__ for f in found})),
+                 why, len(leaves))
     _inline_autocast_off(gm)
     paths = {id(m): name for name, m in model.named_modules()}
     return Captured(gm, takes_mask, strategy, _seq_max(ep, kwargs["input_ids"]) if 1 not in static else None,
                     tuple(getattr(ep, "_guards_code", ()) or ()), tuple(paths[id(m)] for m in leaves))
+
+
+def _leaf_among(model, wrapper, kwargs, candidates, leaves, exc, strategy, shape) -> nn.Module:
+    """The innermost of `candidates` (modules export stopped in) that keeps a leaf's contract on the example
+    inputs (one tensor out, shaped like its first argument); else export's failure as a CaptureError."""
+    for module in candidates:
+        if module in leaves:
+            break  # already a leaf: no progress from here
+        try:
+            with eval_mode(model):
+                check_leaves([module], lambda: wrapper(**kwargs))
+        except CaptureError as refused:
+            last = refused
+            continue
+        return module
+    else:
+        if candidates:  # every module around the branch breaks the contract: say so
+            raise last from exc
+    _raise_capture_error(model, exc, strategy, shape)
+
+
+def run_eager(model: nn.Module, wrapper: nn.Module, kwargs: dict) -> torch.Tensor:
+    with eval_mode(model), torch.no_grad():
+        return wrapper(**kwargs)
+
+
+def _reproduces(model: nn.Module, gm: fx.GraphModule, wrapper: nn.Module, kwargs: dict) -> bool:
+    """Whether the exported graph gives the eager model's logits bit for bit on the export's own inputs."""
+    if next(iter(model.parameters()), torch.empty(0)).is_meta:
+        return True  # a skeleton (load_merged): nothing to run
+    with torch.no_grad():
+        got = gm(*kwargs.values())[0]
+    want = run_eager(model, wrapper, kwargs)
+    return got.shape == want.shape and got.dtype == want.dtype and torch.equal(got, want)
 
 
 @contextlib.contextmanager

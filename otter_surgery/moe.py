@@ -21,7 +21,10 @@ and the mixture-of-attention-heads of JetMoE (whose attention is then one region
 conv1d of a Mamba or short-conv mixer, a recurrent linear-attention scan, a concatenation along the inserted
 axis...). insert() retries with such a node as a seed (otter_surgery/insert.py); its block becomes one region
 like a routed one: the original computation inside, bit for bit, and a dense inserted FFN beside it. A refused
-node outside any residual block has no region and the refusal stands.
+node outside any residual block has no region and the refusal stands -- unless the node is a whole module's call that
+maps the stream to a tensor of the stream's shape itself (a whole block captured as one leaf, its skip connection inside it,
+otter_surgery/leaves.py): then the node alone is a *through* region, whose output continues the stream and
+whose companion is the input's plus the dense inserted FFN's (a block of its own on the inserted dims).
 """
 from __future__ import annotations
 
@@ -45,6 +48,7 @@ class MoERegion:
     nodes: set[fx.Node] = field(repr=False)
     selections: list[fx.Node]
     refused: list[fx.Node] = field(default_factory=list)  # seeds the op rules refused (an opaque region)
+    through: bool = False  # the output is the stream itself (the skip connection is inside the region)
 
     @property
     def routed(self) -> bool:
@@ -78,9 +82,10 @@ def _selects(node: fx.Node) -> bool:
 
 
 def find_regions(dataflow: nx.DiGraph, graph: fx.Graph, token_embedding: fx.Node,
-                 residual: set[fx.Node], refused: frozenset[str] = frozenset()) -> list[MoERegion]:
+                 residual: set[fx.Node], refused: frozenset[str] = frozenset(), stream_from=None) -> list[MoERegion]:
     """Every routed block of the graph, and the block of every node named in `refused` (opaque regions), in
-    graph order (one per block output, however many seeds)."""
+    graph order (one per block output, however many seeds). A through region's output continues the stream:
+    `stream_from(node)` (the nodes the stream reaches from it) is added to `residual`, in place."""
     order = {n: i for i, n in enumerate(graph.nodes)}
     active = nx.descendants(dataflow, token_embedding) | {token_embedding}  # computed from the tokens' values
     regions: dict[fx.Node, MoERegion] = {}
@@ -91,6 +96,13 @@ def find_regions(dataflow: nx.DiGraph, graph: fx.Graph, token_embedding: fx.Node
             continue
         after = nx.descendants(dataflow, seed) | {seed}  # the seed is inside its block, never its input
         y = _block_output(seed, after, residual, order)
+        if y is None and seed.name in refused and stream_from is not None:
+            region = _through_region(seed, residual)
+            if region is not None:
+                regions[seed] = region
+                claimed.add(seed)
+                residual |= stream_from(seed)
+            continue
         if y is None:
             continue  # never reaches the residual stream: not inside a block
         if y not in regions:
@@ -99,6 +111,17 @@ def find_regions(dataflow: nx.DiGraph, graph: fx.Graph, token_embedding: fx.Node
             claimed |= nodes
         (regions[y].selections if _selects(seed) else regions[y].refused).append(seed)
     return sorted(regions.values(), key=lambda r: order[r.output])
+
+
+def _through_region(seed: fx.Node, residual: set[fx.Node]) -> MoERegion | None:
+    """The seed alone as a region, if it is a whole module's call (a leaf) that reads the stream and returns a
+    tensor of the stream's shape. (Any other op on the stream stays refused: its effect is not a block's.)"""
+    if val(seed) is None or not is_op(seed, "module_call"):
+        return None
+    inputs = [a for a in seed.all_input_nodes if a in residual and val(a) is not None and shape(a) == shape(seed)]
+    if not inputs:
+        return None
+    return MoERegion(seed, inputs[:1], {seed}, [], [seed], through=True)
 
 
 def _block_output(sel: fx.Node, after: set[fx.Node], residual: set[fx.Node], order: dict) -> fx.Node | None:

@@ -66,6 +66,9 @@ _declare("copy_like", "to", "_to_copy", "contiguous", "clone", "alias", "detach"
 _declare("getitem", "getitem")
 _declare("slice", "slice")
 _declare("embedding", "embedding")
+# A whole module captured as one call (otter_surgery/leaves.py). When it maps the stream to the stream (its skip
+# connection inside), it is a block of its own: a through region (otter_surgery/moe.py).
+_declare("module_call", "opaque_module")
 # Data-dependent token routing: the dispatch of a mixture-of-experts block.
 _declare("routing", "index", "index_put", "index_add", "index_select", "scatter", "scatter_add", "gather", "nonzero",
          "topk", "one_hot", "argmax", "argsort", "sort")

@@ -18,6 +18,8 @@ insert() time; "normal" / "random" draw as for a dense FFN.
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import torch.fx as fx
 
@@ -35,9 +37,9 @@ def moe_companion(ctx, region: MoERegion) -> Comp | None:
     """The companion of `region.output`: the dense inserted FFN over the block input's [x ; x_e]; None
     when extra_ffn is 0 (the block then adds nothing to the inserted dims)."""
     units = ctx.spec.extra_ffn
-    if units == 0:
-        return None
     y = region.output
+    if units == 0:  # the block adds nothing to the inserted dims; a through block passes them on
+        return replace(_block_input(ctx, region)[1], axis=ndim(y) - 1, kind="residual") if region.through else None
     x, c = _block_input(ctx, region)
     d = numeric_shape([shape(x)[-1]])[0]
     dtype = val(x).dtype
@@ -56,6 +58,8 @@ def moe_companion(ctx, region: MoERegion) -> Comp | None:
     e = ctx.emit(aten.linear.default, (h, w_d))
     if val(y).dtype != dtype:
         e = ctx.emit(aten.to.dtype, (e, val(y).dtype))
+    if region.through:  # y is the stream itself: its inserted dims keep their own skip connection too
+        e = ctx.emit(aten.add.Tensor, (c.node, e))
     return Comp(node=e, axis=ndim(y) - 1, size=c.size, kind="residual")
 
 

@@ -11,7 +11,8 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Under pytest-xdist each worker takes one core (the default run uses every core through workers, not threads).
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else max(1, min(2, os.cpu_count() or 1)))
 
 # The core families (issue 3) and the ones whose graphs differ the way real models differ (issue 4):
 # Conv1D/addmm + fused c_attn (gpt2), interleaved fused qkv + parallel residual + partial rotary (gpt_neox),

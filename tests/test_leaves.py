@@ -51,20 +51,23 @@ class Block(nn.Module):
         h = self.n1(x)
         q, k, v = (lin(h).view(b, t, 2, d // 2).transpose(1, 2) for lin in (self.q, self.k, self.v))
         x = x + self.proj(F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, t, d))
-        return x + self.ffn(self.n2(x))
+        return x + self.ffn(self.n2(x)).view(b, t, d)
 
 
 class Decoder(nn.Module):
-    def __init__(self, vocab=50, d=16, layers=2, ffn=LoopMoE, top_level_branch=False):
+    def __init__(self, vocab=50, d=16, layers=2, ffn=LoopMoE, top_level_branch=False, top_ffn=None):
         super().__init__()
         self.emb, self.norm, self.head = nn.Embedding(vocab, d), nn.LayerNorm(d), nn.Linear(d, vocab, bias=False)
         self.blocks = nn.ModuleList(Block(d, ffn(d)) for _ in range(layers))
         self.top_level_branch = top_level_branch
+        self.top_ffn = top_ffn(d) if top_ffn is not None else None
 
     def forward(self, idx):
         x = self.emb(idx)
         for block in self.blocks:
             x = block(x)
+        if self.top_ffn is not None:  # called from the model's own forward: no enclosing module to stand for it
+            x = x + self.top_ffn(x).view(x.shape)
         if self.top_level_branch and int(idx.max()) > 40:  # a branch on values outside any submodule
             x = x * 2
         return self.head(self.norm(x))
@@ -93,7 +96,7 @@ def test_a_branching_moe_block_is_a_leaf_and_the_model_inserts_bit_identically()
     # the block around each leaf is an opaque region: a dense inserted FFN beside it; gradients reach every
     # inserted parameter (through the leaf too: the reward reads e, which later blocks mix with the leaf's output)
     names = list(omodel.inserted_parameters())
-    assert any(k.startswith("blocks.0.ffn.side_ffn.") for k in names)  # beside the leaf's block
+    assert any(k.startswith("blocks.0.side_ffn.") for k in names)  # beside the leaf's block (its `.view` is inside)
     assert any(k.startswith("blocks.0.q.") for k in names)  # attention keeps its inserted heads
     omodel(input_ids=torch.randint(0, 50, (2, 9), generator=gen)).reward.pow(2).sum().backward()
     assert [k for k, p in omodel.inserted_parameters().items() if p.grad is None or not bool(p.grad.abs().sum() > 0)] == []
@@ -121,7 +124,7 @@ def test_the_leaf_gradient_is_the_modules_own():
     moe(x).pow(2).sum().backward()
     want = x.grad.clone()
     x.grad = None
-    torch.ops.otter_surgery.opaque_module(x, _key(moe)).pow(2).sum().backward()
+    torch.ops.otter_surgery.opaque_module(x, [], _key(moe), -1).pow(2).sum().backward()
     assert torch.equal(x.grad, want)
 
 
@@ -130,31 +133,99 @@ def test_branching_outside_a_leaf_is_refused_naming_the_reason():
         otter.insert(_built(ffn=lambda d: nn.Linear(d, d), top_level_branch=True), SPEC)
 
 
-def test_a_branching_module_that_changes_its_input_shape_cannot_be_a_leaf():
+def test_a_branching_module_that_changes_its_input_shape_is_stood_for_by_its_block():
+    """LoopMoE(reshape=True) returns [tokens, d] for an input [b, t, d]: not a leaf's contract. The innermost
+    enclosing module that keeps it (the residual block, whose skip connection is then inside the leaf) stands for
+    it; where none does (called from the model's own forward), the refusal names the module and the contract."""
+    model = _built(ffn=lambda d: LoopMoE(d, reshape=True))
+    assert capture(model).leaves == ("blocks.0", "blocks.1")
+    omodel = otter.insert(model, SPEC)
+    assert otter.verify(model, omodel, max_examples=10, max_seq=12).examples == 10
     with pytest.raises(CaptureError, match="LoopMoE.*one tensor shaped like its input"):
-        otter.insert(_built(ffn=lambda d: LoopMoE(d, reshape=True)), SPEC)
+        otter.insert(_built(ffn=lambda d: nn.Linear(d, d), top_ffn=lambda d: LoopMoE(d, reshape=True)), SPEC)
 
 
 class _ScaledLoopMoE(LoopMoE):
-    """The same expert loop behind a forward with a second required input: it cannot stand as a one-tensor leaf,
-    but the module that calls it can."""
+    """The same expert loop behind a forward with a second input (a tensor) and a flag: both travel with the
+    leaf's call."""
 
-    def forward(self, x, scale):
-        return super().forward(x) * scale
+    def forward(self, x, scale, negate=False):
+        y = super().forward(x) * scale
+        return -y if negate else y
 
 
 class _Wrapped(nn.Module):
     def __init__(self, d):
         super().__init__()
         self.inner = _ScaledLoopMoE(d)
+        self.register_buffer("scale", torch.full((d,), 0.5))
 
     def forward(self, x):
-        return self.inner(x, 0.5)
+        return self.inner(x, self.scale, negate=True)
 
 
-def test_the_leaf_is_the_innermost_module_that_takes_one_tensor():
+def test_the_leaf_is_the_innermost_module_around_the_branch_and_its_other_arguments_travel_with_it():
     model = _built(ffn=_Wrapped)
-    assert capture(model).leaves == ("blocks.0.ffn", "blocks.1.ffn")
+    assert capture(model).leaves == ("blocks.0.ffn.inner", "blocks.1.ffn.inner")
     ids = torch.randint(0, 50, (2, 6), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         assert bits_equal(otter.insert(model, SPEC)(input_ids=ids).logits, model(ids))
+
+
+class _MHABlock(nn.Module):
+    """A pre-norm block on nn.MultiheadAttention, as many projects write one: in eval mode without gradients
+    PyTorch runs attention through its fused fast path, which export never traces (other bits)."""
+
+    def __init__(self, d, heads=2):
+        super().__init__()
+        self.n1, self.n2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.attn = nn.MultiheadAttention(d, heads, batch_first=True)
+        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+
+    def forward(self, x, mask):
+        h = self.n1(x)
+        x = x + self.attn(h, h, h, attn_mask=mask, need_weights=False, is_causal=True)[0]
+        return x + self.mlp(self.n2(x))
+
+
+class _MHADecoder(nn.Module):
+    def __init__(self, vocab=50, d=16, layers=2):
+        super().__init__()
+        self.emb, self.norm, self.head = nn.Embedding(vocab, d), nn.LayerNorm(d), nn.Linear(d, vocab)
+        self.blocks = nn.ModuleList(_MHABlock(d) for _ in range(layers))
+
+    def forward(self, idx):
+        t = idx.shape[1]
+        mask = torch.triu(torch.ones(t, t, dtype=torch.bool, device=idx.device), 1)
+        x = self.emb(idx)
+        for block in self.blocks:
+            x = block(x, mask)
+        return self.head(self.norm(x))
+
+
+def test_fast_paths_export_cannot_trace_are_found_and_their_blocks_run_as_leaves():
+    """nn.MultiheadAttention's fused kernel gives other bits than the traced path, so the exported graph alone
+    differs from the model. The diverging module is found by comparing each module's eager outputs with and
+    without the fast path; MultiheadAttention (three inputs, a tuple out) cannot stand as a leaf, so its block
+    (stream + mask in, stream out) does, the mask travelling with the call. Bit-identical with and without
+    gradients (the leaf takes the model's own path in either mode), and trainable."""
+    from otter_surgery.capture import LogitsOnly, example_inputs, run_eager
+    from otter_surgery.leaves import diverging_modules
+
+    torch.manual_seed(0)
+    model = _MHADecoder().eval()
+    kwargs = example_inputs(model, False)
+    found = diverging_modules(model, lambda: run_eager(model, LogitsOnly(model, False), kwargs))
+    assert found == [model.blocks[0]]
+    assert diverging_modules(_built(ffn=lambda d: nn.Linear(d, d)), lambda: None) == []  # nothing ran, nothing found
+    before = state_digest(model, flags=True)
+    omodel = otter.insert(model, SPEC)
+    assert omodel.leaves == ("blocks.0", "blocks.1")
+    assert otter.verify(model, omodel, max_examples=10, max_seq=12).examples == 10
+    ids = torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(3))
+    out = omodel(input_ids=ids)  # gradients on: the slow path, as the model itself takes with gradients on
+    assert bits_equal(out.logits, model(ids))
+    out.reward.pow(2).sum().backward()
+    assert all(p.grad is not None for p in omodel.inserted_parameters().values())
+    assert all(p.grad is None for p in model.parameters())
+    assert state_digest(model, flags=True) == before

@@ -9,7 +9,9 @@ tokens), nanomoe (nanoMoE: capacity-based one_hot / cumsum dense dispatch, bmm e
 expert loops branch in Python on routing values, so that export cannot trace them: deepseek_v3 (DeepSeek-V3's
 inference/model.py: `counts = bincount(..).tolist(); if counts[i] == 0: continue`; last-position logits) and
 rasbt_qwen3_moe (LLMs-from-scratch: `for e in torch.unique(ids)`, `.item()`) -- their MoE blocks are captured as
-leaves (otter_surgery.leaves). REFUSED holds faithful decoders the library refuses on purpose, with the reason
+leaves (otter_surgery.leaves). Two are built from torch.nn's own transformer modules: pytorch_wlm (PyTorch's
+word_language_model example) and torch_nn (nn.TransformerEncoderLayer batch-first, whose fused fast path export
+cannot trace): their layers are leaves too. REFUSED holds faithful decoders the library refuses on purpose, with the reason
 its error must give (none today).
 """
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 
 NAMES = ("mingpt", "llama2c", "meta_llama", "mistral", "gpt_fast", "nanochat", "xtransformers", "olmo", "annotated",
          "litgpt", "mamba_minimal", "rwkv", "modded_nanogpt", "gemma",
+         "pytorch_wlm", "torch_nn",
          "mistral_moe", "nanomoe", "torchtitan_moe", "deepseek_v3", "rasbt_qwen3_moe")
 # Decoders the library refuses, with the reason its error must give (kept faithful, not rewritten to pass).
 REFUSED: dict[str, str] = {}
