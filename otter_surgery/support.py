@@ -127,7 +127,7 @@ class SupportRow:
     decode_note: str = ""
     strategy: str = ""  # how the sequence length was captured (capture.CAPTURE_STRATEGIES)
     moe: bool = False  # the captured graph selects experts (a value-dependent choice of indices: moe._selects)
-    leaves: int = 0  # modules captured as leaves (their Python branches on tensor values: otter_surgery.leaves)
+    leaves: int = 0  # modules captured as leaves (Python branches on tensor values, or fast paths: otter_surgery.leaves)
 
 
 def check_family(arch: str) -> SupportRow:
@@ -357,7 +357,7 @@ def markdown(rows: list[SupportRow]) -> str:
         note = (r.note or r.decode_note).replace("|", "/").replace("\n", " ")
         note += f" (captured {r.strategy})" if r.strategy not in ("", "dynamic") else ""
         note += (f" ({r.leaves} module{'s' if r.leaves > 1 else ''} captured as leaves: Python branching on "
-                 "tensor values)") if r.leaves else ""
+                 "tensor values, or a fast path export does not trace)") if r.leaves else ""
         lines.append(f"| {r.arch} | {yes[r.captured]} | {yes[r.moe] if r.captured else '?'} | {yes[r.inserted]} | {yes[r.fp32]} | {yes[r.bf16]} | "
                      f"{yes[r.decodes]} | {note} |")
     return "\n".join(lines)
