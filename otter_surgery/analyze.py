@@ -38,6 +38,7 @@ class Role:
     inner: int = 0  # in_features of the linear that reads this output (kind == "ffn")
     operands: frozenset = frozenset()  # attention operands it feeds: "query", "key", "value"
     group_heads: int = 0  # fewest heads among the operands it feeds (the KV heads of a fused GQA qkv)
+    parts: int = 1  # a leading axis in front of the heads ([.., 3, heads, unit]: q, k, v stacked, then unbound)
 
     @property
     def key_only(self) -> bool:
@@ -51,6 +52,40 @@ class Width:
     size: int
     kind: str
     unit: int
+    parts: int = 1  # the inserted outputs are `parts` equal blocks, outer-major (Role.parts)
+
+
+def _taken_apart(node: fx.Node, axis: int) -> bool:
+    """Whether `axis` of `node` is, further on, unbound or indexed (each index its own tensor), following it
+    through permutes and copies."""
+    todo = [(node, axis)]
+    while todo:
+        n, a = todo.pop()
+        for u in n.users:
+            if is_op(u, "unbind", "select"):
+                dim = u.args[1] if len(u.args) > 1 else u.kwargs.get("dim", 0)
+                if dim % ndim(n) == a:
+                    return True
+            elif is_op(u, "transpose") and val(u) is not None:
+                order = _permutation(u, ndim(n))
+                if order is not None:
+                    todo.append((u, order.index(a)))
+            elif is_op(u, "copy_like") and val(u) is not None:
+                todo.append((u, a))
+    return False
+
+
+def _permutation(node: fx.Node, nd: int) -> list[int] | None:
+    """The axis order of a permute / transpose / t node (output axis i reads input axis order[i])."""
+    name = op_name(node)
+    if name == "permute":
+        return [d % nd for d in node.args[1]]
+    order = list(range(nd))
+    if name == "transpose":
+        i, j = (d % nd for d in node.args[1:3])
+        order[i], order[j] = order[j], order[i]
+        return order
+    return order[::-1] if name == "t" else None
 
 
 class Analysis:
@@ -119,12 +154,17 @@ class Analysis:
         return seen
 
     def _head_split(self, view: fx.Node, src: fx.Node):
-        """(heads, unit) if this view splits the last axis of `src` into [heads, unit...], else None."""
+        """(heads, unit, parts) if this view splits the last axis of `src` into [heads, unit...], else None; or
+        into [parts, heads, unit...] when the view's leading axis of that group is then taken apart (unbind /
+        select: timm's `qkv.reshape(B, N, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)`), parts = q, k, v."""
         in_sh, out_sh = shape(src), shape(view)
         for gi, gj in reshape_groups(in_sh, out_sh):
             static = all(concrete_size(out_sh[j]) is not None for j in gj)  # heads never depend on the sequence
             if len(in_sh) - 1 in gi and len(gj) >= 2 and static:
-                return concrete_size(out_sh[gj[0]]), product([out_sh[j] for j in gj[1:]])
+                if len(gj) >= 3 and _taken_apart(view, gj[0]):
+                    return concrete_size(out_sh[gj[1]]), product([out_sh[j] for j in gj[2:]]), \
+                        concrete_size(out_sh[gj[0]])
+                return concrete_size(out_sh[gj[0]]), product([out_sh[j] for j in gj[1:]]), 1
         return None
 
     def _role(self, linear: fx.Node) -> Role:
@@ -138,7 +178,8 @@ class Analysis:
                     # whatever the product feeds, this output only weighs it, so it gets no role from it
                     continue
                 if is_op(u, "attention") and split:  # before `seen`: q, k, v of a fused output meet here
-                    found.append(Role("heads", *split, operands=frozenset({self._operand(u, n)})))
+                    found.append(Role("heads", split[0], split[1], parts=split[2],
+                                      operands=frozenset({self._operand(u, n)})))
                     continue
                 if is_op(u, "attention") and self._unsplit_kv(u, n):
                     # Multi-query KV that no view splits into heads (GPT-BigCode's [b, 1, s, d] expanded to
@@ -165,7 +206,7 @@ class Analysis:
                 if info is not None and info.x is n:
                     heads = split is not None and split[0] > 1  # a provisional one-head split is no head split
                     if heads:
-                        found.append(Role("heads", *split))
+                        found.append(Role("heads", split[0], split[1], parts=split[2]))
                     elif self.linears[linear].out_features % info.in_features == 0:
                         found.append(Role("ffn", inner=info.in_features))
                     else:
@@ -219,7 +260,7 @@ class Analysis:
         pieces = [numeric_shape([p.shape[dim]])[0] for p in node.meta.get("val", ())]
         if size != split[0] or size <= 1 or not pieces:
             return split
-        return (min(pieces), split[1])
+        return (min(pieces), split[1], split[2])
 
     def _gated_heads(self, node: fx.Node, src: fx.Node) -> int:
         """Heads of an attention output that `node` (elementwise) combines with `src`, reached back from the
@@ -322,7 +363,7 @@ class Analysis:
                 # step that packs a one-token query onto the KV heads ([b, n_q, 1, d] -> [b, n_kv, n_q/n_kv, d])
                 # then keeps each inserted group on the KV axis, beside its own inserted KV head.
                 group = step if r.operands in ({"query"}, {"gate"}) and r.heads % step == 0 else 1
-                out[node] = Width(int(Fraction(o * extra_heads, n_q)), "heads", r.unit * group)
+                out[node] = Width(int(Fraction(o * extra_heads, n_q)), "heads", r.unit * group, r.parts)
             elif r.kind == "ffn":
                 size = Fraction(o * spec.extra_ffn, r.inner)
                 if size.denominator != 1:

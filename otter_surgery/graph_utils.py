@@ -113,3 +113,17 @@ def product(sizes) -> int:
 
 def frac_int(x: Fraction) -> int | None:
     return x.numerator if x.denominator == 1 else None
+
+
+def _keeps_state(node: fx.Node) -> bool:
+    """Nodes dead-code elimination must keep although nothing reads them: fx's own impure nodes, and functorch's
+    level bookkeeping that export records around a vmap (flex_attention's create_block_mask): its increment and
+    decrement calls come in pairs whose outputs are mostly unused, and dropping some of them leaves the graph
+    running inside a vmap level that no longer exists."""
+    return node.is_impure() or (node.op == "call_function"
+                                and getattr(node.target, "__module__", "").startswith("torch._functorch"))
+
+
+def eliminate_dead_code(graph: fx.Graph) -> bool:
+    """fx's dead-code elimination that keeps state-changing nodes (see _keeps_state)."""
+    return graph.eliminate_dead_code(is_impure_node=_keeps_state)

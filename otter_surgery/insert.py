@@ -11,6 +11,7 @@ from torch import nn
 from . import lengths
 from .capture import capture, example_inputs
 from .errors import CaptureError, OtterError, UnsupportedGraphError, module_path
+from .graph_utils import eliminate_dead_code
 from .model import OtterMeta, OtterModel
 from .rewrite import Rewrite
 from .spec import InsertSpec
@@ -102,7 +103,7 @@ def rewrite(gm: torch.fx.GraphModule, spec: InsertSpec, freeze: bool = True,
             if hasattr(gm, "otter"):  # (an analysis refusal comes before any inserted parameter)
                 del gm.otter
     gm.meta["otter_opaque_keys"] = tuple(sorted(keys))
-    gm.graph.eliminate_dead_code()
+    eliminate_dead_code(gm.graph)
     _drop_unused_inserted(gm, ctx.param_names)
     gm.recompile()
     return ctx

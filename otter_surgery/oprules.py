@@ -668,6 +668,31 @@ def sdpa(ctx: Context, node: fx.Node) -> Comp | None:
     return replace(cq, node=ctx.emit(node.target, tuple(args), kwargs))
 
 
+@rule("flex_attention")
+def flex_attention(ctx: Context, node: fx.Node) -> Comp | None:
+    """FlexAttention (torch.nn.attention.flex_attention, a higher-order op in the graph): inserted heads run in a
+    second call with the same score_mod, block mask, scale and options, so the original heads' outputs are the
+    original node's. Sound only when neither score_mod nor the block mask depends on the head (a per-head bias
+    such as ALiBi would be read past its heads): the block mask must broadcast over heads, and score_mod must
+    not read its head index (the second of its five inputs). Outputs (out, logsumexp, ...) all carry the heads
+    on axis 1, so the companion is a tuple split like the node's."""
+    q, k, v = node.args[:3]
+    cq, ck, cv = (ctx.comps.get(t) for t in (q, k, v))
+    if cq is None or ck is None or cv is None or {cq.axis, ck.axis, cv.axis} != {1}:
+        _fail(node, "inserted heads must come with their own query, key and value heads")
+    score_mod, block_mask = node.args[3], node.args[4]
+    if isinstance(score_mod, fx.Node) and score_mod.op == "get_attr":
+        inputs = [n for n in getattr(ctx.gm, score_mod.target).graph.nodes if n.op == "placeholder"]
+        if len(inputs) >= 3 and inputs[2].users:  # (score, b, h, q_idx, kv_idx): h is read
+            _fail(node, "its score_mod reads the head index (a per-head bias): inserted heads have no such entry")
+    shapes = [numeric_shape(shape(t)) for t in block_mask if isinstance(t, fx.Node) and val(t) is not None]
+    if any(len(s) >= 2 and s[1] != 1 for s in shapes):
+        _fail(node, "its block mask differs per head: inserted heads have no such entry")
+    new = ctx.emit(node.target, (cq.node, ck.node, cv.node, *node.args[3:]), dict(node.kwargs))
+    outputs = node.meta.get("val")
+    return replace(cq, node=new, sizes=[cq.size] * len(outputs))
+
+
 def _heads_from_features(ctx: Context, t: fx.Node, c: Comp | None, cq: Comp, head_axis: int,
                          gqa: bool) -> Comp | None:
     """Multi-query KV written as one head expanded to every query head (GPT-BigCode: [b, 1, s, d] -> expand ->

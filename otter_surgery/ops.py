@@ -51,12 +51,15 @@ _declare("reduction", "mean", "sum", "var", "std", "amax", "amin", "var_mean", "
 _declare("softmax", "_softmax", "softmax", "_log_softmax", "log_softmax")
 _declare("reshape", "view", "reshape", "_unsafe_view")
 _declare("norm", "layer_norm", "rms_norm")
-_declare("attention", "scaled_dot_product_attention", "matmul", "bmm")
-_declare("sdpa", "scaled_dot_product_attention")
+_declare("attention", "scaled_dot_product_attention", "matmul", "bmm", "flex_attention")
+# Fused attention over (q, k, v, ...) whose heads are independent: SDPA, and FlexAttention's higher-order op
+# (its score_mod / block_mask act per (b, h, q, kv) index; the rule checks they do not read the head index).
+_declare("sdpa", "scaled_dot_product_attention", "flex_attention")
 _declare("matmul", "matmul", "bmm")
 _declare("linear", "linear", "addmm", "mm")
 _declare("split", "split", "split_with_sizes", "chunk")  # into parts along one axis
 _declare("unbind", "unbind")
+_declare("select", "select")  # one index of an axis
 _declare("transpose", "transpose", "t", "permute")
 _declare("flatten", "flatten")
 # New leading axes over the same features (hyper-connections' N parallel copies of the stream, [b, s, d] ->

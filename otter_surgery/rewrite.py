@@ -129,7 +129,10 @@ class Rewrite:
         b_e = None
         if b is not None and not self.analysis.roles[node].key_only:
             b_e = self.new_param(self.readable(info.bias), inits.linear_bias(b, rows, self.spec.init), b.dtype, b.device)
-        out = Comp(node=node, axis=len(node.meta["val"].shape) - 1, size=width.size, kind=width.kind, unit=width.unit)
+        # [parts, heads, unit] outputs (q, k, v stacked on a leading axis): the inserted rows are `parts` blocks,
+        # outer-major, as the copied rows are spread; the view that splits the parts off gives them their axis.
+        out = Comp(node=node, axis=len(node.meta["val"].shape) - 1, size=width.size // width.parts, kind=width.kind,
+                   unit=width.unit, outer=(width.parts,) if width.parts > 1 else ())
         return w_e, b_e, out
 
     def record_block(self, node: fx.Node, inserted: fx.Node, x_cat: fx.Node) -> None:

@@ -20,7 +20,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from .capture import eval_mode, capture_step
 from .errors import CaptureError, OtterError
-from .graph_utils import get_attr_tensor
+from .graph_utils import eliminate_dead_code, get_attr_tensor
 from .model import OtterModel
 from .passes.merge_side_gemms import GemmStore, merge_side_gemms
 from .passes.direct_dispatch import direct_dispatch
@@ -232,7 +232,7 @@ def _projections_out(gm: fx.GraphModule, ctx) -> dict[str, torch.Tensor]:
         out.args = (tuple(z if a is ctx.signal_nodes[signal] else a for a in out.args[0]),)
         readouts[signal] = w.t() if transposed else w
     if readouts:
-        gm.graph.eliminate_dead_code()
+        eliminate_dead_code(gm.graph)
         gm.recompile()
     return readouts
 

@@ -15,7 +15,7 @@ import torch.fx as fx
 from torch import nn
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from otter_surgery.graph_utils import get_attr_tensor
+from otter_surgery.graph_utils import eliminate_dead_code, get_attr_tensor
 from otter_surgery.ops import linear_call, linear_info
 from otter_surgery.rewrite import FUSE_TAG
 
@@ -72,7 +72,7 @@ class Fuse(PassBase):
             ins.replace_all_uses_with(y_ins)
             gm.graph.erase_node(ins)
             gm.graph.erase_node(orig)
-        gm.graph.eliminate_dead_code()
+        eliminate_dead_code(gm.graph)
         gm.graph.lint()
         _drop_unreferenced(gm)
         gm.recompile()

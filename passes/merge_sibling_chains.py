@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
+from otter_surgery.graph_utils import eliminate_dead_code
+
 aten = torch.ops.aten
 
 
@@ -367,7 +369,7 @@ def merge_sibling_chains(gm: fx.GraphModule) -> int:
                 piece = _narrow(graph, g, i, 1, made)
                 for u in outside:
                     u.replace_input_with(lane, piece)
-    graph.eliminate_dead_code()
+    eliminate_dead_code(graph)
     graph.lint()
     gm.recompile()
     return before - sum(n.op == "call_function" for n in graph.nodes)

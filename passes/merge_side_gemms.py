@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
+from otter_surgery.graph_utils import eliminate_dead_code
+
 aten = torch.ops.aten
 
 
@@ -112,7 +114,7 @@ def merge_side_gemms(gm: fx.GraphModule, store: GemmStore) -> list[MergedGemm]:
         for n in nodes:
             gm.graph.erase_node(n)
         merged.append(g)
-    gm.graph.eliminate_dead_code()
+    eliminate_dead_code(gm.graph)
     gm.graph.lint()
     gm.recompile()
     return merged
