@@ -73,7 +73,10 @@ def _call_key(args: tuple, kwargs: dict) -> tuple[int, list[torch.Tensor]]:
 
 
 def _same(a: list, b: list) -> bool:
-    return len(a) == len(b) and all(type(x) is type(y) and x == y for x, y in zip(a, b))
+    try:
+        return len(a) == len(b) and all(type(x) is type(y) and bool(x == y) for x, y in zip(a, b))
+    except Exception:  # noqa: BLE001 - constants without a plain equality are simply another call
+        return False
 
 
 def _own_forward(module: nn.Module, x: torch.Tensor, rest=(), call: int = -1) -> torch.Tensor:
@@ -162,9 +165,10 @@ class _Traced(TorchFunctionMode):
 
 def diverging_modules(model: nn.Module, run) -> list[nn.Module]:
     """Submodules whose eager forward computes other bits than it does under tracing (fast paths that export
-    cannot see), each replaced by its nearest enclosing module that can stand as a leaf. Found by running the
-    model eagerly twice (`run()`), as is and under a function mode, and comparing every module call's tensors:
-    the innermost modules whose inputs agree and whose outputs do not."""
+    cannot see), each replaced by its nearest enclosing module that can stand as a leaf (a CaptureError naming
+    the module when none can). Found by running the model eagerly twice (`run()`), as is and under a function
+    mode, and comparing every module call's tensors: the innermost modules whose inputs agree and whose outputs
+    do not."""
     owned = [m for m in model.modules() if m is not model]
     runs: list[dict] = [{}, {}]
 
@@ -176,10 +180,17 @@ def diverging_modules(model: nn.Module, run) -> list[nn.Module]:
     inner = [m for m in differ if not any(d is not m and d in differ for d in m.modules())]
     parents = {id(child): parent for parent in model.modules() for child in parent.children()}
     found = []
-    for m in inner:  # up to a module that maps its first argument to one tensor of that shape (a leaf's contract)
-        while m is not model and not (_takes_stream(m) and all(call[2] for call in runs[0][m])):
+    for inner_m in inner:  # up to a called module mapping its first argument to one tensor of that shape (a leaf)
+        m = inner_m
+        while m is not model and not (_takes_stream(m) and runs[0].get(m) and all(c[2] for c in runs[0][m])):
             m = parents[id(m)]
-        if m is not model and m not in found:
+        if m is model:
+            path = next(name for name, x in model.named_modules() if x is inner_m)
+            raise CaptureError(f"{type(inner_m).__name__} ('{path}') computes other bits eagerly than export traces "
+                               "(a fused fast path taken outside tracing), and no module around it maps one tensor "
+                               "to one tensor of its shape, so it cannot run as a leaf of the graph: no inserted "
+                               f"model could be bit-identical to {type(model).__name__}")
+        if m not in found:
             found.append(m)
     return found
 

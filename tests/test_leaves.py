@@ -229,3 +229,31 @@ def test_fast_paths_export_cannot_trace_are_found_and_their_blocks_run_as_leaves
     assert all(p.grad is not None for p in omodel.inserted_parameters().values())
     assert all(p.grad is None for p in model.parameters())
     assert state_digest(model, flags=True) == before
+
+
+class _BareMHADecoder(nn.Module):
+    """nn.MultiheadAttention called straight from the model's own forward: its fast path diverges from the
+    traced path, and no module around it takes the stream alone."""
+
+    def __init__(self, vocab=50, d=16):
+        super().__init__()
+        self.emb, self.head = nn.Embedding(vocab, d), nn.Linear(d, vocab)
+        self.attns = nn.ModuleList(nn.MultiheadAttention(d, 2, batch_first=True) for _ in range(2))
+
+    def forward(self, idx):
+        t = idx.shape[1]
+        mask = torch.triu(torch.ones(t, t, dtype=torch.bool, device=idx.device), 1)
+        x = self.emb(idx)
+        for attn in self.attns:
+            x = x + attn(x, x, x, attn_mask=mask, need_weights=False)[0]
+        return self.head(x)
+
+
+def test_a_fast_path_no_module_can_stand_for_is_refused_naming_it():
+    torch.manual_seed(0)
+    model = _BareMHADecoder().eval()
+    before = state_digest(model, flags=True)
+    with pytest.raises(CaptureError, match=r"MultiheadAttention \('attns.0'\).*fast path.*_BareMHADecoder"):
+        otter.insert(model, SPEC)
+    assert state_digest(model, flags=True) == before
+    assert all("forward" not in m.__dict__ for m in model.modules())  # the recording patches are gone
