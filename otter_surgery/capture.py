@@ -219,10 +219,11 @@ def _export(model: nn.Module, takes_mask: bool, strategy: str, shape: tuple[int,
             if not found:
                 break  # (a graph that still differs is refused by insert's probe, naming the shapes)
             why = "computes other bits eagerly than under export (a fast path)"
-        with eval_mode(model):
-            check_leaves(found, lambda: wrapper(**kwargs))
         # every module of its class runs the same code: all become leaves at once (one retry, not one per layer)
-        leaves += [m for m in model.modules() if type(m) in {type(f) for f in found} and m not in leaves]
+        new = [m for m in model.modules() if type(m) in {type(f) for f in found} and m not in leaves]
+        with eval_mode(model):
+            check_leaves(new, lambda: wrapper(**kwargs))
+        leaves += new
         log.info("%s %s: captured as leaves (%d modules)", ", ".join(sorted({type(f).__name__ for f in found})),
                  why, len(leaves))
     _inline_autocast_off(gm)

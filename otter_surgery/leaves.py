@@ -10,7 +10,7 @@ Two kinds of module make export's graph wrong or impossible, and both are found 
   torch-function mode, as under export. `diverging_modules` runs the model eagerly with and without such a mode
   and compares every module call: the innermost modules whose inputs agree and whose outputs do not.
 The innermost such module that maps its first argument (the stream) to one tensor of the same shape and dtype
-is captured as one call of the custom op `otter_surgery::opaque_module`, which runs the module's own forward
+(alone, or first in a tuple of Nones: nn.MultiheadAttention's `(output, None)`) is captured as one call of the custom op `otter_surgery::opaque_module`, which runs the module's own forward
 eagerly on the same arguments (the other ones -- masks, flags -- travel with the call), so its output is the
 module's, bit for bit, in whichever mode the model runs. The rewrite has no rule for that op: the residual block
 around it becomes an opaque region (its original computation inside, a dense inserted FFN beside it), or, when
@@ -59,6 +59,7 @@ def _module(key: int) -> nn.Module:
 # per distinct call and named by an int, as the module is.
 _CALLS: list[tuple] = []  # index -> (treespec of (args, kwargs), constants with _TENSOR where a tensor goes)
 _TENSOR = object()
+_RETURNS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # leaf -> (tuple type, length) it returns, or None
 
 
 def _call_key(args: tuple, kwargs: dict) -> tuple[int, list[torch.Tensor]]:
@@ -90,7 +91,7 @@ def _own_forward(module: nn.Module, x: torch.Tensor, rest=(), call: int = -1) ->
         args, kwargs = pytree.tree_unflatten([next(tensors) if c is _TENSOR else c for c in constants], spec)
         y = type(module).forward(module, *args, **kwargs)
     _check(module, x, y)
-    return y
+    return _main(y)
 
 
 @torch.library.custom_op("otter_surgery::opaque_module", mutates_args=())
@@ -202,9 +203,8 @@ def _recording(modules, seen: dict):
     def wrap(module, forward):
         def recorded(*args, **kwargs):
             output = forward(*args, **kwargs)
-            x = args[0] if args else None
-            keeps = isinstance(x, torch.Tensor) and isinstance(output, torch.Tensor) \
-                and output.shape == x.shape and output.dtype == x.dtype
+            x, main = (args[0] if args else None), _main(output)
+            keeps = isinstance(x, torch.Tensor) and main is not None and main.shape == x.shape and main.dtype == x.dtype
             seen.setdefault(module, []).append(
                 ([a.detach().clone() for a in pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)],
                  [a.detach().clone() for a in pytree.tree_leaves(output) if isinstance(a, torch.Tensor)], keeps))
@@ -233,11 +233,14 @@ def _tensors_equal(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
 
 def check_leaves(modules, run) -> None:
     """Run the model eagerly once (`run()`) and check that each leaf maps its input to a tensor of the same shape
-    and dtype (what the graph assumed when it captured the leaf): a clear CaptureError now, not a failure later."""
+    and dtype (what the graph assumed when it captured the leaf): a clear CaptureError now, not a failure later.
+    Records how each returns it (alone, or first of a tuple whose other items are None: nn.MultiheadAttention's
+    `(output, None)`), for the capture-time patch to return the same."""
     def hook(module, args, output):
         x = args[0] if args else None
         if isinstance(x, torch.Tensor):
             _check(module, x, output)
+            _RETURNS[module] = (type(output), len(output)) if isinstance(output, (tuple, list)) else None
 
     handles = [m.register_forward_hook(hook) for m in modules]
     try:
@@ -248,18 +251,29 @@ def check_leaves(modules, run) -> None:
             h.remove()
 
 
+def _main(y):
+    """A leaf's tensor: y itself, or the first item of a tuple whose other items are None (else None)."""
+    if isinstance(y, (tuple, list)) and y and all(v is None for v in y[1:]):
+        y = y[0]
+    return y if isinstance(y, torch.Tensor) else None
+
+
 def _check(module: nn.Module, x: torch.Tensor, y) -> None:
-    if not isinstance(y, torch.Tensor) or y.shape != x.shape or y.dtype != x.dtype:
-        got = f"{tuple(y.shape)} {y.dtype}" if isinstance(y, torch.Tensor) else type(y).__name__
-        raise CaptureError(f"{type(module).__name__} branches on tensor values, so it would be kept as one leaf of "
-                           f"the graph; a leaf must return one tensor shaped like its input ({tuple(x.shape)} "
-                           f"{x.dtype}), this one returned {got}")
+    if (main := _main(y)) is not None and main.shape == x.shape and main.dtype == x.dtype:
+        return
+    got = f"{tuple(y.shape)} {y.dtype}" if isinstance(y, torch.Tensor) else type(y).__name__
+    raise CaptureError(f"{type(module).__name__} would be kept as one leaf of the graph (export cannot trace it "
+                       f"faithfully: it branches on tensor values or takes a fast path); a leaf must return one tensor shaped like its input ({tuple(x.shape)} "
+                       f"{x.dtype}; alone, or first in a tuple of Nones), this one returned {got}")
 
 
-def _patched(key: int):
+def _patched(module: nn.Module, key: int):
+    returns = _RETURNS.get(module)
+
     def forward(x, *args, **kwargs):
         call, tensors = _call_key((x, *args), kwargs)
-        return torch.ops.otter_surgery.opaque_module(x, tensors[1:], key, call)
+        y = torch.ops.otter_surgery.opaque_module(x, tensors[1:], key, call)
+        return y if returns is None else returns[0]([y] + [None] * (returns[1] - 1))
     return forward
 
 
@@ -272,7 +286,7 @@ def as_leaves(modules):
             key = _key(module)
             had = "forward" in module.__dict__
             patched.append((module, had, module.__dict__.get("forward")))
-            module.forward = _patched(key)
+            module.forward = _patched(module, key)
         yield
     finally:
         for module, had, previous in patched:

@@ -203,12 +203,12 @@ class _MHADecoder(nn.Module):
         return self.head(self.norm(x))
 
 
-def test_fast_paths_export_cannot_trace_are_found_and_their_blocks_run_as_leaves():
+def test_fast_paths_export_cannot_trace_are_found_and_run_as_leaves():
     """nn.MultiheadAttention's fused kernel gives other bits than the traced path, so the exported graph alone
     differs from the model. The diverging module is found by comparing each module's eager outputs with and
-    without the fast path; MultiheadAttention (three inputs, a tuple out) cannot stand as a leaf, so its block
-    (stream + mask in, stream out) does, the mask travelling with the call. Bit-identical with and without
-    gradients (the leaf takes the model's own path in either mode), and trainable."""
+    without the fast path, and stands as a leaf (query, key, value and mask travel with the call; it returns
+    (output, None)); its residual block becomes an opaque region. Bit-identical with and without gradients (the
+    leaf takes the model's own path in either mode), and trainable."""
     from otter_surgery.capture import LogitsOnly, example_inputs, run_eager
     from otter_surgery.leaves import diverging_modules
 
@@ -216,11 +216,11 @@ def test_fast_paths_export_cannot_trace_are_found_and_their_blocks_run_as_leaves
     model = _MHADecoder().eval()
     kwargs = example_inputs(model, False)
     found = diverging_modules(model, lambda: run_eager(model, LogitsOnly(model, False), kwargs))
-    assert found == [model.blocks[0]]
+    assert found == [model.blocks[0].attn]
     assert diverging_modules(_built(ffn=lambda d: nn.Linear(d, d)), lambda: None) == []  # nothing ran, nothing found
     before = state_digest(model, flags=True)
     omodel = otter.insert(model, SPEC)
-    assert omodel.leaves == ("blocks.0", "blocks.1")
+    assert omodel.leaves == ("blocks.0.attn", "blocks.1.attn")
     assert otter.verify(model, omodel, max_examples=10, max_seq=12).examples == 10
     ids = torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(3))
     out = omodel(input_ids=ids)  # gradients on: the slow path, as the model itself takes with gradients on
@@ -232,8 +232,8 @@ def test_fast_paths_export_cannot_trace_are_found_and_their_blocks_run_as_leaves
 
 
 class _BareMHADecoder(nn.Module):
-    """nn.MultiheadAttention called straight from the model's own forward: its fast path diverges from the
-    traced path, and no module around it takes the stream alone."""
+    """nn.MultiheadAttention called straight from the model's own forward (`x + attn(x, x, x, ...)[0]`): it takes
+    three tensors and returns (output, None); it stands as a leaf itself, key and value travelling with the call."""
 
     def __init__(self, vocab=50, d=16):
         super().__init__()
@@ -249,11 +249,46 @@ class _BareMHADecoder(nn.Module):
         return self.head(x)
 
 
-def test_a_fast_path_no_module_can_stand_for_is_refused_naming_it():
+def test_multihead_attention_itself_stands_as_a_leaf():
     torch.manual_seed(0)
     model = _BareMHADecoder().eval()
+    omodel = otter.insert(model, SPEC)
+    assert omodel.leaves == ("attns.0", "attns.1")
+    assert otter.verify(model, omodel, max_examples=10, max_seq=12).examples == 10
+    assert any(".side_ffn." in k for k in omodel.inserted_parameters())  # beside each attention block
+
+
+class _FastPath(nn.Module):
+    """Stands for a fused kernel taken outside tracing (other bits than the traced ops, as nn.MultiheadAttention's
+    fast path), returning a second tensor: it cannot stand as a leaf."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(d))
+
+    def forward(self, x):
+        from torch.nn.modules.activation import _is_make_fx_tracing
+
+        traced = torch.overrides.has_torch_function((x,)) or _is_make_fx_tracing()
+        y = x * self.w if traced else x * 3.0 * self.w / 3.0
+        return y, y.mean(-1)
+
+
+class _FastPathDecoder(nn.Module):
+    def __init__(self, vocab=50, d=16):
+        super().__init__()
+        self.emb, self.fast, self.head = nn.Embedding(vocab, d), _FastPath(d), nn.Linear(d, vocab)
+
+    def forward(self, idx):
+        x = self.emb(idx)
+        return self.head(x + self.fast(x)[0])
+
+
+def test_a_fast_path_no_module_can_stand_for_is_refused_naming_it():
+    torch.manual_seed(0)
+    model = _FastPathDecoder().eval()
     before = state_digest(model, flags=True)
-    with pytest.raises(CaptureError, match=r"MultiheadAttention \('attns.0'\).*fast path.*_BareMHADecoder"):
+    with pytest.raises(CaptureError, match=r"_FastPath \('fast'\).*fast path.*_FastPathDecoder"):
         otter.insert(model, SPEC)
     assert state_digest(model, flags=True) == before
     assert all("forward" not in m.__dict__ for m in model.modules())  # the recording patches are gone
