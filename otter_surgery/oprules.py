@@ -674,7 +674,7 @@ def flex_attention(ctx: Context, node: fx.Node) -> Comp | None:
     second call with the same score_mod, block mask, scale and options, so the original heads' outputs are the
     original node's. Sound only when neither score_mod nor the block mask depends on the head (a per-head bias
     such as ALiBi would be read past its heads): the block mask must broadcast over heads, and score_mod must
-    not read its head index (the second of its five inputs). Outputs (out, logsumexp, ...) all carry the heads
+    not read its head index (the third of its inputs: score, b, h, q_idx, kv_idx). Outputs (out, logsumexp, ...) all carry the heads
     on axis 1, so the companion is a tuple split like the node's."""
     q, k, v = node.args[:3]
     cq, ck, cv = (ctx.comps.get(t) for t in (q, k, v))
