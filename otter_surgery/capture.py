@@ -145,7 +145,8 @@ CAPTURE_STRATEGIES = ("dynamic", "per-length", "per-shape")
 _STATIC = {"dynamic": (), "per-length": (1,), "per-shape": (0, 1)}  # which of (batch, seq) each fixes
 
 
-def capture(model: nn.Module, strategy: str | None = None, shape: tuple[int, int] | None = None) -> Captured:
+def capture(model: nn.Module, strategy: str | None = None, shape: tuple[int, int] | None = None,
+            leaves: tuple[str, ...] = ()) -> Captured:
     """Export `model` to a GraphModule with inputs (input_ids[, attention_mask]) and one output: logits.
 
     Batch and sequence dims are dynamic. The pytree calling convention of torch.export is replaced by a
@@ -153,14 +154,16 @@ def capture(model: nn.Module, strategy: str | None = None, shape: tuple[int, int
     (numpy masks, `for i in range(T)`, `int(T)`, math on T: export reports "specialized it to be a
     constant"), capture does not give up: it falls back to one graph per length ("per-length"), then per
     (batch, length) ("per-shape"); `strategy` and `shape` capture one such graph for an input `shape`.
+    `leaves`: module paths to capture as leaves from the start (with every module of their classes), e.g. those
+    found by `fast_path_leaves` or by the model's first capture.
     """
     takes_mask = is_transformers_model(model)
     if strategy is not None:
-        return _export(model, takes_mask, strategy, shape)
+        return _export(model, takes_mask, strategy, shape, leaves)
     tried, data_dependent = [], None
     for strategy in CAPTURE_STRATEGIES:
         try:
-            return _export(model, takes_mask, strategy, shape)
+            return _export(model, takes_mask, strategy, shape, leaves)
         except _Specialized as exc:
             tried.append(exc.detail)
         except DataDependentControlFlow as exc:  # (static sizes rarely help, but cost nothing to try)
@@ -195,12 +198,19 @@ def shaped_inputs(model: nn.Module, takes_mask: bool, batch: int, seq: int) -> d
     return kwargs
 
 
-def _export(model: nn.Module, takes_mask: bool, strategy: str, shape: tuple[int, int] | None) -> Captured:
+def _export(model: nn.Module, takes_mask: bool, strategy: str, shape: tuple[int, int] | None,
+            leaf_paths: tuple[str, ...] = ()) -> Captured:
     kwargs = example_inputs(model, takes_mask) if shape is None else shaped_inputs(model, takes_mask, *shape)
     static = _STATIC[strategy]
     dyn = {k: {d: torch.export.Dim.DYNAMIC for d in (0, 1) if d not in static} or None for k in kwargs}
     wrapper = LogitsOnly(model, takes_mask)
-    leaves: list[nn.Module] = []  # modules that branch on tensor values, captured as one node each
+    named = dict(model.named_modules())
+    classes = {type(named[p]) for p in leaf_paths}
+    # modules captured as one node each (they branch on tensor values, or take fast paths export cannot see)
+    leaves: list[nn.Module] = [m for m in model.modules() if type(m) in classes and m is not model]
+    if leaves:
+        with eval_mode(model):
+            check_leaves(leaves, lambda: wrapper(**kwargs))
     while True:
         try:
             with eval_mode(model), torch.no_grad(), as_leaves(leaves), _quiet_shape_warnings():
@@ -209,23 +219,16 @@ def _export(model: nn.Module, takes_mask: bool, strategy: str, shape: tuple[int,
         except Exception as exc:  # torch.export raises many types; name the cause and keep the chain
             found = [_leaf_among(model, wrapper, kwargs, branching_modules(model, exc) if _data_dependent(exc) else [],
                                  leaves, exc, strategy, shape)]
-            why = "branches on tensor values"
         else:
-            gm = _to_graph_module(ep)
-            # A module whose eager forward takes a fast path that export cannot see (nn.TransformerEncoderLayer's
-            # fused kernel) gives a graph that differs from the model in the last bits; such modules run as leaves.
-            found = [] if _reproduces(model, gm, wrapper, kwargs) else \
-                [m for m in diverging_modules(model, lambda: run_eager(model, wrapper, kwargs)) if m not in leaves]
-            if not found:
-                break  # (a graph that still differs is refused by insert's probe, naming the shapes)
-            why = "computes other bits eagerly than under export (a fast path)"
+            break
         # every module of its class runs the same code: all become leaves at once (one retry, not one per layer)
         new = [m for m in model.modules() if type(m) in {type(f) for f in found} and m not in leaves]
         with eval_mode(model):
             check_leaves(new, lambda: wrapper(**kwargs))
         leaves += new
-        log.info("%s %s: captured as leaves (%d modules)", ", ".join(sorted({type(f).__name__ for f in found})),
-                 why, len(leaves))
+        log.info("%s branches on tensor values: captured as leaves (%d modules)",
+                 ", ".join(sorted({type(f).__name__ for f in found})), len(leaves))
+    gm = _to_graph_module(ep)
     _inline_autocast_off(gm)
     paths = {id(m): name for name, m in model.named_modules()}
     return Captured(gm, takes_mask, strategy, _seq_max(ep, kwargs["input_ids"]) if 1 not in static else None,
@@ -256,17 +259,14 @@ def run_eager(model: nn.Module, wrapper: nn.Module, kwargs: dict) -> torch.Tenso
         return wrapper(**kwargs)
 
 
-def _reproduces(model: nn.Module, gm: fx.GraphModule, wrapper: nn.Module, kwargs: dict) -> bool:
-    """Whether the exported graph gives the eager model's logits bit for bit on the export's own inputs."""
-    if next(iter(model.parameters()), torch.empty(0)).is_meta:
-        return True  # a skeleton (load_merged): nothing to run
-    try:
-        with torch.no_grad():
-            got = gm(*kwargs.values())[0]
-    except Exception:  # noqa: BLE001 - a graph that cannot run is insert's probe's to report, with its cause
-        return True
-    want = run_eager(model, wrapper, kwargs)
-    return got.shape == want.shape and got.dtype == want.dtype and torch.equal(got, want)
+def fast_path_leaves(model: nn.Module, takes_mask: bool) -> tuple[str, ...]:
+    """Paths of the modules to capture as leaves because their eager forward takes a fast path export cannot see
+    (nn.TransformerEncoderLayer's / nn.MultiheadAttention's fused kernels): found by leaves.diverging_modules on
+    the example batch; run only when a captured graph does not reproduce the model (insert's probe)."""
+    kwargs = example_inputs(model, takes_mask)
+    wrapper = LogitsOnly(model, takes_mask)
+    paths = {id(m): name for name, m in model.named_modules()}
+    return tuple(paths[id(m)] for m in diverging_modules(model, lambda: run_eager(model, wrapper, kwargs)))
 
 
 @contextlib.contextmanager

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from . import lengths
-from .capture import capture, example_inputs
+from .capture import capture, example_inputs, fast_path_leaves
 from .errors import CaptureError, OtterError, UnsupportedGraphError, module_path
 from .graph_utils import eliminate_dead_code
 from .model import OtterMeta, OtterModel
@@ -45,10 +45,16 @@ def insert(model: nn.Module, spec: InsertSpec | None = None) -> OtterModel:
         raise TypeError(f"otter.insert expects an otter.InsertSpec as spec, got {type(spec).__name__}")
     spec = spec or InsertSpec()
     captured = capture(model)
-    gm = captured.graph_module
-    captured_graph = copy.deepcopy(gm.graph)
-    ctx = rewrite(gm, spec)
-    _probe(model, gm, captured.takes_mask, captured_graph, captured.strategy)
+    try:
+        gm, ctx = _inserted(model, captured, spec)
+    except _GraphDiffers:
+        # Modules whose eager forward takes a fast path export cannot see (torch.nn's fused transformer kernels)
+        # run as leaves, each its own forward; a CaptureError names such a module when none can stand for it.
+        extra = fast_path_leaves(model, captured.takes_mask)
+        if not extra:
+            raise
+        captured = capture(model, leaves=tuple(dict.fromkeys(captured.leaves + extra)))
+        gm, ctx = _inserted(model, captured, spec)
     meta = OtterMeta(spec, ("logits", *spec.signals), captured.takes_mask, dict(ctx.param_names),
                      base_class=f"{type(model).__module__}.{type(model).__qualname__}",
                      base_model_type=getattr(getattr(model, "config", None), "model_type", None),
@@ -58,6 +64,19 @@ def insert(model: nn.Module, spec: InsertSpec | None = None) -> OtterModel:
     first = tuple(example_inputs(model, captured.takes_mask)["input_ids"].shape)
     lengths.attach(omodel, model, captured.strategy, captured.seq_max, first, captured.guards)
     return omodel
+
+
+def _inserted(model: nn.Module, captured, spec: InsertSpec):
+    """The captured graph rewritten with the spec's parameters and probed against the model."""
+    gm = captured.graph_module
+    captured_graph = copy.deepcopy(gm.graph)
+    ctx = rewrite(gm, spec)
+    _probe(model, gm, captured.takes_mask, captured_graph, captured.strategy)
+    return gm, ctx
+
+
+class _GraphDiffers(CaptureError):
+    """The captured graph, before any insertion, does not reproduce the model's logits."""
 
 
 def rewrite(gm: torch.fx.GraphModule, spec: InsertSpec, freeze: bool = True,
@@ -175,7 +194,7 @@ def _probe_one(model: nn.Module, gm: torch.fx.GraphModule, kwargs: dict, capture
             before = torch.fx.GraphModule(gm, captured_graph)(*kwargs.values())[0]
         if not bits_equal(before, reference):
             diff = (before.double() - reference.double()).abs().max().item()
-            raise CaptureError(f"torch.export's graph of {type(model).__name__} does not reproduce the model's own "
+            raise _GraphDiffers(f"torch.export's graph of {type(model).__name__} does not reproduce the model's own "
                                f"logits bit for bit before any insertion (max |diff| {diff:.3g} on a probe batch "
                                f"of shape {shape}, {'padded' if not bool(kwargs.get('attention_mask', torch.ones(1)).all()) else 'unpadded'}): "
                                "its eager forward takes another path than the exported one, so no inserted model "

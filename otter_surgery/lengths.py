@@ -70,7 +70,7 @@ class ShapeDispatch:
         strategy = ("per-length" if self.strategy == "dynamic" else self.strategy) if per_length else "per-shape"
         if strategy == "per-length":  # a batch of >= 2 rows keeps the batch axis symbolic (export's 0/1 rule)
             shape = (max(2, shape[0]), shape[1])
-        captured = capture(self.model, strategy, shape)
+        captured = capture(self.model, strategy, shape, leaves=self.omodel.leaves)
         gm = captured.graph_module
         ctx = rewrite(gm, self.omodel.spec, opaque_within=opaque_modules(self.omodel.param_names),
                       opaque_keys=self.omodel.graph_module.meta.get("otter_opaque_keys", ()),
