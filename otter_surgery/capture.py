@@ -254,9 +254,10 @@ def _leaf_among(model, wrapper, kwargs, candidates, leaves, exc, strategy, shape
     _raise_capture_error(model, exc, strategy, shape)
 
 
-def run_eager(model: nn.Module, wrapper: nn.Module, kwargs: dict) -> torch.Tensor:
+def reference_logits(model: nn.Module, batch: dict) -> torch.Tensor:
+    """The model's own logits on `batch` (eval mode, no gradients): what every graph must reproduce."""
     with eval_mode(model), torch.no_grad():
-        return wrapper(**kwargs)
+        return LogitsOnly(model, is_transformers_model(model))(**batch)
 
 
 def fast_path_leaves(model: nn.Module, takes_mask: bool) -> tuple[str, ...]:
@@ -264,9 +265,8 @@ def fast_path_leaves(model: nn.Module, takes_mask: bool) -> tuple[str, ...]:
     (nn.TransformerEncoderLayer's / nn.MultiheadAttention's fused kernels): found by leaves.diverging_modules on
     the example batch; run only when a captured graph does not reproduce the model (insert's probe)."""
     kwargs = example_inputs(model, takes_mask)
-    wrapper = LogitsOnly(model, takes_mask)
     paths = {id(m): name for name, m in model.named_modules()}
-    return tuple(paths[id(m)] for m in diverging_modules(model, lambda: run_eager(model, wrapper, kwargs)))
+    return tuple(paths[id(m)] for m in diverging_modules(model, lambda: reference_logits(model, kwargs)))
 
 
 @contextlib.contextmanager

@@ -80,16 +80,13 @@ def _same(a: list, b: list) -> bool:
         return False
 
 
-def _own_forward(module: nn.Module, x: torch.Tensor, rest=(), call: int = -1) -> torch.Tensor:
+def _own_forward(module: nn.Module, x: torch.Tensor, rest, call: int) -> torch.Tensor:
     """The module's class forward (not the capture-time patch) on x and the call's other arguments, checked to
     return one tensor shaped like x."""
-    if call < 0:
-        y = type(module).forward(module, x)
-    else:
-        spec, constants = _CALLS[call]
-        tensors = iter((x, *rest))
-        args, kwargs = pytree.tree_unflatten([next(tensors) if c is _TENSOR else c for c in constants], spec)
-        y = type(module).forward(module, *args, **kwargs)
+    spec, constants = _CALLS[call]
+    tensors = iter((x, *rest))
+    args, kwargs = pytree.tree_unflatten([next(tensors) if c is _TENSOR else c for c in constants], spec)
+    y = type(module).forward(module, *args, **kwargs)
     _check(module, x, y)
     return _main(y)
 

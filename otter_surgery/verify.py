@@ -8,7 +8,7 @@ import torch
 from hypothesis import HealthCheck, Phase, given, settings
 from torch import nn
 
-from .capture import eval_mode, LogitsOnly, vocab_size, is_transformers_model
+from .capture import eval_mode, LogitsOnly, reference_logits, vocab_size, is_transformers_model  # noqa: F401
 from .errors import VerificationError
 from .model import OtterModel
 from .testing import batches
@@ -24,11 +24,6 @@ def bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
         return False
     ints = {2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
     return torch.equal(a.contiguous().view(ints), b.contiguous().view(ints))
-
-
-def reference_logits(model: nn.Module, batch: dict) -> torch.Tensor:
-    with eval_mode(model), torch.no_grad():
-        return LogitsOnly(model, is_transformers_model(model))(**batch)
 
 
 def describe(batch: dict, want: torch.Tensor, got: torch.Tensor) -> str:

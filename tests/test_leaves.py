@@ -116,7 +116,7 @@ def test_a_branching_moe_block_is_a_leaf_and_the_model_inserts_bit_identically()
 
 def test_the_leaf_gradient_is_the_modules_own():
     """The leaf's backward re-runs the module under autograd: the same input gradient as the eager module."""
-    from otter_surgery.leaves import _key
+    from otter_surgery.leaves import _call_key, _key
 
     torch.manual_seed(0)
     moe = LoopMoE(8)
@@ -124,7 +124,8 @@ def test_the_leaf_gradient_is_the_modules_own():
     moe(x).pow(2).sum().backward()
     want = x.grad.clone()
     x.grad = None
-    torch.ops.otter_surgery.opaque_module(x, [], _key(moe), -1).pow(2).sum().backward()
+    call, _ = _call_key((x,), {})
+    torch.ops.otter_surgery.opaque_module(x, [], _key(moe), call).pow(2).sum().backward()
     assert torch.equal(x.grad, want)
 
 
@@ -209,13 +210,13 @@ def test_fast_paths_export_cannot_trace_are_found_and_run_as_leaves():
     without the fast path, and stands as a leaf (query, key, value and mask travel with the call; it returns
     (output, None)); its residual block becomes an opaque region. Bit-identical with and without gradients (the
     leaf takes the model's own path in either mode), and trainable."""
-    from otter_surgery.capture import LogitsOnly, example_inputs, run_eager
+    from otter_surgery.capture import example_inputs
     from otter_surgery.leaves import diverging_modules
 
     torch.manual_seed(0)
     model = _MHADecoder().eval()
     kwargs = example_inputs(model, False)
-    found = diverging_modules(model, lambda: run_eager(model, LogitsOnly(model, False), kwargs))
+    found = diverging_modules(model, lambda: reference_logits(model, kwargs))
     assert found == [model.blocks[0].attn]
     assert diverging_modules(_built(ffn=lambda d: nn.Linear(d, d)), lambda: None) == []  # nothing ran, nothing found
     before = state_digest(model, flags=True)
