@@ -26,6 +26,7 @@ from otter_surgery.stepper import _FEW_ROWS, read_out
 
 
 def median_ms(fn, repeats: int) -> float:
+    """Median wall time of fn() in ms over `repeats` calls, after one warm-up call."""
     fn()
     times = []
     for _ in range(repeats):

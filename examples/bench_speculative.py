@@ -49,6 +49,7 @@ import otter_surgery as otter  # noqa: E402
 from otter_surgery.data import pad as pad_batch  # noqa: E402
 from otter_surgery.real_model import load_smollm2  # noqa: E402
 from otter_surgery.stepper import read_out  # noqa: E402
+from bench_readout import median_ms  # noqa: E402
 from sentiment_data import read_sentences  # noqa: E402
 from train_medusa import distill, frequent_tokens, head_accuracy, left_pad, openings  # noqa: E402
 
@@ -222,16 +223,7 @@ def draft_costs(omodel, prompt: list[int], shortlist=None, repeats: int = 9) -> 
         if vocab is not None:
             sub = vout.readouts["medusa"][vocab]
             runs["shortlist_ms"] = lambda: _draft(vout, position, n, vocab, sub)
-        out = {}
-        for name, fn in runs.items():
-            fn()
-            times = []
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                fn()
-                times.append(1000 * (time.perf_counter() - t0))
-            out[name] = statistics.median(times)
-    return out
+        return {name: median_ms(fn, repeats) for name, fn in runs.items()}
 
 
 class ForwardCounter:
