@@ -304,9 +304,12 @@ class Analysis:
     def _final_hidden(self) -> tuple[fx.Node, fx.Node]:
         out = next(n for n in self.graph.nodes if n.op == "output")
         logits = out.args[0][0] if isinstance(out.args[0], (tuple, list)) else out.args[0]
+        # Back through whatever the model does to the linear's output (a cast, soft-capping, nGPT's learned
+        # per-token scale `sz * logits`): only one operand carries the tokens, the others are weights.
+        from_tokens = nx.descendants(self.dataflow, self.token_embedding)
         n = logits
         while n not in self.linears:
-            ins = [a for a in n.all_input_nodes if val(a) is not None]
+            ins = [a for a in n.all_input_nodes if val(a) is not None and a in from_tokens]
             if len(ins) != 1:
                 raise UnsupportedGraphError(logits, "cannot trace the logits back to the linear that produces them")
             n = ins[0]

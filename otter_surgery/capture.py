@@ -6,6 +6,7 @@ The captured GraphModule shares the user's parameter tensors; nothing of the use
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 import io
 import logging
@@ -204,10 +205,8 @@ def _export(model: nn.Module, takes_mask: bool, strategy: str, shape: tuple[int,
     static = _STATIC[strategy]
     dyn = {k: {d: torch.export.Dim.DYNAMIC for d in (0, 1) if d not in static} or None for k in kwargs}
     wrapper = LogitsOnly(model, takes_mask)
-    named = dict(model.named_modules())
-    classes = {type(named[p]) for p in leaf_paths}
     # modules captured as one node each (they branch on tensor values, or take fast paths export cannot see)
-    leaves: list[nn.Module] = [m for m in model.modules() if type(m) in classes and m is not model]
+    leaves = _leaf_modules(model, leaf_paths)
     if leaves:
         with eval_mode(model):
             check_leaves(leaves, lambda: wrapper(**kwargs))
@@ -235,6 +234,13 @@ def _export(model: nn.Module, takes_mask: bool, strategy: str, shape: tuple[int,
                     tuple(getattr(ep, "_guards_code", ()) or ()), tuple(paths[id(m)] for m in leaves))
 
 
+def _leaf_modules(model: nn.Module, paths: tuple[str, ...]) -> list[nn.Module]:
+    """The modules at `paths` and every other module of their classes (they run the same code)."""
+    named = dict(model.named_modules())
+    classes = {type(named[p]) for p in paths}
+    return [m for m in model.modules() if type(m) in classes and m is not model]
+
+
 def _leaf_among(model, wrapper, kwargs, candidates, leaves, exc, strategy, shape) -> nn.Module:
     """The innermost of `candidates` (modules export stopped in) that keeps a leaf's contract on the example
     inputs (one tensor out, shaped like its first argument); else export's failure as a CaptureError."""
@@ -256,7 +262,7 @@ def _leaf_among(model, wrapper, kwargs, candidates, leaves, exc, strategy, shape
 
 def reference_logits(model: nn.Module, batch: dict) -> torch.Tensor:
     """The model's own logits on `batch` (eval mode, no gradients): what every graph must reproduce."""
-    with eval_mode(model), torch.no_grad():
+    with eval_mode(model), torch.no_grad(), state_kept(model):
         return LogitsOnly(model, is_transformers_model(model))(**batch)
 
 
@@ -344,11 +350,16 @@ class ShapeGuards:
         return False
 
 
+# What export raises when the model's Python reads a tensor's values by leaving torch (numpy, a raw data pointer)
+# rather than through a guard: minimind's MoE `bincount().cpu().numpy().cumsum(0)` expert loop.
+_VALUE_READS = (".numpy() is not supported for tensor subclasses", "Cannot access data pointer of Tensor")
+
+
 def _data_dependent(exc: BaseException | None) -> bool:
     """Whether export stopped at Python control flow on a tensor's values (anywhere in the cause chain)."""
     from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
     while exc is not None:
-        if isinstance(exc, GuardOnDataDependentSymNode):
+        if isinstance(exc, GuardOnDataDependentSymNode) or any(m in str(exc) for m in _VALUE_READS):
             return True
         exc = exc.__cause__ or exc.__context__
     return False
@@ -536,14 +547,38 @@ def _model_eager_branches(model: nn.Module):
 
 def _on_eager_branches(model: nn.Module, export):
     """`export()` with the model's code on its eager branches; where that branch cannot be traced (it reads
-    data), export's own branch instead — the logits probe in insert() then decides whether it is faithful."""
+    data), export's own branch instead — the logits probe in insert() then decides whether it is faithful.
+    The model's tensor state is as it was afterwards, whatever its forward stored while export ran."""
+    with state_kept(model):
+        try:
+            with _model_eager_branches(model) as patched:
+                return export()
+        except Exception:
+            if not patched:
+                raise
+        return export()
+
+
+@contextlib.contextmanager
+def state_kept(model: nn.Module):
+    """Put back every module's attributes after export, as they were. Model code that caches on the module during
+    forward (PaLM-pytorch's `self.register_buffer("mask", mask)` the first time it sees a length, a rotary table
+    grown with its `max_seq_len_cached`) would otherwise keep export's fake tensors, and the user's model would
+    fail on its next call. Containers (the _buffers / _parameters dicts, lists) are refilled in place, so that
+    anything holding them still sees the module's own."""
+    saved = [(m, {k: (v, copy.copy(v) if isinstance(v, (dict, list, set)) else None) for k, v in vars(m).items()})
+             for m in model.modules()]
     try:
-        with _model_eager_branches(model) as patched:
-            return export()
-    except Exception:
-        if not patched:
-            raise
-    return export()
+        yield
+    finally:
+        for m, attrs in saved:
+            for k in [k for k in vars(m) if k not in attrs]:
+                del vars(m)[k]
+            for k, (value, contents) in attrs.items():
+                if contents is not None:
+                    value.clear()
+                    value.update(contents) if not isinstance(value, list) else value.extend(contents)
+                vars(m)[k] = value
 
 
 def step_signature(model: nn.Module) -> tuple[bool, bool]:
@@ -555,7 +590,8 @@ def step_signature(model: nn.Module) -> tuple[bool, bool]:
 STEP_KINDS = ("prefill", "one", "several", "verify", "recompute")
 
 
-def capture_step(model: nn.Module, kind: str = "one", masked: bool = True) -> CapturedStep:
+def capture_step(model: nn.Module, kind: str = "one", masked: bool = True,
+                 leaves: tuple[str, ...] = ()) -> CapturedStep:
     """Export one KV-cached step of a transformers causal LM, dynamic in the batch size and:
     kind="prefill": the prompt (any length) after an empty cache; "one": one new token after a past of any
     length (the decode step); "several": several new tokens after a non-empty past; "verify": the same,
@@ -564,14 +600,21 @@ def capture_step(model: nn.Module, kind: str = "one", masked: bool = True) -> Ca
     transformers picks its attention kernels by exactly these facts (a one-token query packs GQA heads; an
     empty past with no padding needs no mask), so each is a graph of its own, captured on the eager path.
     Without `masked` the model gets no attention mask (the mask input is ignored), as generate calls it when
-    no row is padded."""
+    no row is padded. `leaves`: module paths the model's full graph captured as leaves (OtterModel.leaves); they
+    are leaves here too (a leaf that returns the cache it updates cannot be one: then export fails, and the
+    decoder recomputes instead)."""
     if kind not in STEP_KINDS:
         raise ValueError(f"kind must be one of {STEP_KINDS}, got {kind!r}")
     if not is_transformers_model(model):
         raise CaptureError(f"{type(model).__name__} is not a transformers model: it has no KV-cache interface to capture")
     takes_positions, keep_last = step_signature(model)
-    if kind == "recompute":
-        return _capture_recompute(model, takes_positions, keep_last, masked)
+    with as_leaves(_leaf_modules(model, leaves)):
+        if kind == "recompute":
+            return _capture_recompute(model, takes_positions, keep_last, masked)
+        return _capture_cached(model, kind, takes_positions, keep_last, masked)
+
+
+def _capture_cached(model: nn.Module, kind: str, takes_positions: bool, keep_last: bool, masked: bool) -> CapturedStep:
     keep_last = keep_last and kind != "verify"
     wrapper = _CachedStep(model, takes_positions, keep_last, masked)
     prompt = example_inputs(model, True)

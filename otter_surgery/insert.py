@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from . import lengths
-from .capture import capture, example_inputs, fast_path_leaves
+from .capture import capture, example_inputs, fast_path_leaves, state_kept
 from .errors import CaptureError, OtterError, UnsupportedGraphError, module_path
 from .graph_utils import eliminate_dead_code
 from .model import OtterMeta, OtterModel
@@ -44,6 +44,11 @@ def insert(model: nn.Module, spec: InsertSpec | None = None) -> OtterModel:
     if spec is not None and not isinstance(spec, InsertSpec):
         raise TypeError(f"otter.insert expects an otter.InsertSpec as spec, got {type(spec).__name__}")
     spec = spec or InsertSpec()
+    with state_kept(model):  # (eager probes and export run the model's forward: what it caches on itself goes)
+        return _insert(model, spec)
+
+
+def _insert(model: nn.Module, spec: InsertSpec) -> OtterModel:
     captured = capture(model)
     try:
         gm, ctx = _inserted(model, captured, spec)

@@ -18,7 +18,7 @@ import torch
 import torch.fx as fx
 from torch.fx.passes.shape_prop import ShapeProp
 
-from .capture import eval_mode, capture_step
+from .capture import capture_step, eval_mode, state_kept
 from .errors import CaptureError, OtterError
 from .graph_utils import eliminate_dead_code, get_attr_tensor
 from .model import OtterModel
@@ -138,7 +138,7 @@ class _StepGraph:
     def __init__(self, omodel: OtterModel, kind: str, masked: bool, store: GemmStore, lean: bool = True):
         from .insert import opaque_modules, rewrite
 
-        captured = capture_step(omodel.base_model, kind=kind, masked=masked)
+        captured = capture_step(omodel.base_model, kind=kind, masked=masked, leaves=omodel.leaves)
         self.gm = captured.graph_module
         ctx = rewrite(self.gm, omodel.spec, freeze=False, opaque_within=opaque_modules(omodel.param_names),
                       opaque_keys=omodel.graph_module.meta.get("otter_opaque_keys", ()))
@@ -270,19 +270,24 @@ class CachedDecoder:
     def graph(self, kind: str, masked: bool) -> _StepGraph:
         key = (kind, masked)
         if key not in self.graphs:
-            g = _StepGraph(self.omodel, kind, masked, self.gemms)
-            compile_kwargs = self.omodel.__dict__.get("_compile_kwargs")
-            if compile_kwargs is None:
-                self._probe(g, g.run, g.reference, kind, masked)
-            else:
-                # Compiled steps are checked against the base model's step compiled the same way: inductor's
-                # kernels are not eager's, but the original nodes must still give the same bits as the base.
-                g.run = _contiguous_inputs(torch.compile(g.gm, **compile_kwargs))
-                base_step = _contiguous_inputs(torch.compile(
-                    capture_step(self.omodel.base_model, kind=kind, masked=masked).graph_module, **compile_kwargs))
-                self._probe(g, g.run, lambda ids, mask, pos, past: base_step(ids, mask, pos, *past), kind, masked)
-            self.graphs[key] = g
+            with state_kept(self.omodel.base_model):
+                self.graphs[key] = self._built(kind, masked)
         return self.graphs[key]
+
+    def _built(self, kind: str, masked: bool) -> _StepGraph:
+        g = _StepGraph(self.omodel, kind, masked, self.gemms)
+        compile_kwargs = self.omodel.__dict__.get("_compile_kwargs")
+        if compile_kwargs is None:
+            self._probe(g, g.run, g.reference, kind, masked)
+        else:
+            # Compiled steps are checked against the base model's step compiled the same way: inductor's
+            # kernels are not eager's, but the original nodes must still give the same bits as the base.
+            g.run = _contiguous_inputs(torch.compile(g.gm, **compile_kwargs))
+            base_step = _contiguous_inputs(torch.compile(
+                capture_step(self.omodel.base_model, kind=kind, masked=masked,
+                             leaves=self.omodel.leaves).graph_module, **compile_kwargs))
+            self._probe(g, g.run, lambda ids, mask, pos, past: base_step(ids, mask, pos, *past), kind, masked)
+        return g
 
     # -- running ------------------------------------------------------------------------------------------
     def _run(self, tokens: torch.Tensor, state: DecodeState, positions: torch.Tensor,

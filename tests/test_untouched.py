@@ -59,3 +59,36 @@ def test_a_rule_that_edits_an_original_node_is_caught(tiny_llama, monkeypatch):
     monkeypatch.setitem(oprules.RULES, "mul", good)  # and with the rule restored, the same insert works
     otter.verify(tiny_llama, otter.insert(tiny_llama, otter.InsertSpec(extra_dim=4, extra_heads=3, extra_ffn=4)),
                  max_examples=5)
+
+
+class _CachesOnItself(torch.nn.Module):
+    """A decoder whose forward stores what it computes on the module (PaLM-pytorch's causal mask, registered as
+    a buffer the first time a length is seen; a rotary table grown with an int beside it)."""
+
+    def __init__(self, vocab=40, d=8):
+        super().__init__()
+        self.emb, self.mix, self.head = torch.nn.Embedding(vocab, d), torch.nn.Linear(d, d), torch.nn.Linear(d, vocab)
+        self.register_buffer("mask", None, persistent=False)
+        self.seen = 0
+
+    def forward(self, idx):
+        n = idx.shape[1]
+        if self.mask is None or self.mask.shape[-1] < n:
+            self.register_buffer("mask", torch.ones(n, n, dtype=torch.bool).tril(), persistent=False)
+            self.seen = n
+        h = self.emb(idx)
+        w = self.mask[:n, :n].float() / self.mask[:n, :n].sum(-1, keepdim=True)
+        h = h + self.mix(w @ h)
+        return self.head(h)
+
+
+def test_model_state_its_forward_caches_is_left_as_it_was():
+    torch.manual_seed(0)
+    model = _CachesOnItself().eval()
+    omodel = otter.insert(model, otter.InsertSpec(extra_dim=4, extra_ffn=4))
+    # export ran the model's forward on fake tensors: nothing it stored there stays on the user's model
+    assert model.mask is None and model.seen == 0 and "mask" not in dict(model.named_buffers())
+    ids = torch.randint(0, 40, (2, 6))
+    with torch.no_grad():
+        want = model(ids)  # (now caches a real mask, as the user's own call would)
+        assert torch.equal(omodel(input_ids=ids).logits, want)
