@@ -153,9 +153,11 @@ def _takes_stream(module: nn.Module) -> bool:
 
 
 class _Traced(TorchFunctionMode):
-    """A function mode that changes nothing but is active: PyTorch's fast paths (nn.TransformerEncoderLayer's and
-    nn.MultiheadAttention's fused kernels) check `torch.overrides.has_torch_function` and step aside, as they do
-    under torch.export, whose graph therefore holds the path eager inference does not take."""
+    """A function mode that changes nothing but is active. PyTorch's fast paths (nn.TransformerEncoderLayer's and
+    nn.MultiheadAttention's fused kernels) step aside under export because torch.nn checks `_is_make_fx_tracing()`,
+    so export's graph holds the path eager inference does not take; they also step aside whenever
+    `torch.overrides.has_torch_function` sees an active mode, which is how this mode reproduces export's choice
+    eagerly."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         return func(*args, **(kwargs or {}))
@@ -194,26 +196,15 @@ def diverging_modules(model: nn.Module, run) -> list[nn.Module]:
 
 
 @contextlib.contextmanager
-def _recording(modules, seen: dict):
-    """Record every call of each module: (its input tensors, its output tensors), copied. Through the instance's
-    forward, not hooks: PyTorch's fast paths step aside when a module has hooks."""
-    def wrap(module, forward):
-        def recorded(*args, **kwargs):
-            output = forward(*args, **kwargs)
-            x, main = (args[0] if args else None), _main(output)
-            keeps = isinstance(x, torch.Tensor) and main is not None and main.shape == x.shape and main.dtype == x.dtype
-            seen.setdefault(module, []).append(
-                ([a.detach().clone() for a in pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)],
-                 [a.detach().clone() for a in pytree.tree_leaves(output) if isinstance(a, torch.Tensor)], keeps))
-            return output
-        return recorded
-
+def _instance_forwards(modules, make):
+    """While active, each module's forward is `make(module, forward)` (forward: what the module ran before),
+    set on the instance: its class, and every other instance, are untouched. Put back on exit."""
     patched = []
     try:
         for module in modules:
             own = module.__dict__.get("forward")
             patched.append((module, own))
-            module.forward = wrap(module, own if own is not None else type(module).forward.__get__(module))
+            module.forward = make(module, own if own is not None else type(module).forward.__get__(module))
         yield
     finally:
         for module, own in patched:
@@ -221,6 +212,22 @@ def _recording(modules, seen: dict):
                 module.forward = own
             else:
                 del module.forward
+
+
+def _recording(modules, seen: dict):
+    """Record every call of each module: (its input tensors, its output tensors, whether it could stand as a leaf
+    there), copied. Through the instance's forward, not hooks: PyTorch's fast paths step aside when a module has
+    hooks."""
+    def wrap(module, forward):
+        def recorded(*args, **kwargs):
+            output = forward(*args, **kwargs)
+            seen.setdefault(module, []).append(
+                ([a.detach().clone() for a in pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)],
+                 [a.detach().clone() for a in pytree.tree_leaves(output) if isinstance(a, torch.Tensor)],
+                 _keeps_stream(args[0] if args else None, output)))
+            return output
+        return recorded
+    return _instance_forwards(modules, wrap)
 
 
 def _tensors_equal(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
@@ -255,8 +262,14 @@ def _main(y):
     return y if isinstance(y, torch.Tensor) else None
 
 
+def _keeps_stream(x, y) -> bool:
+    """A leaf's contract: its output (alone, or first of a tuple of Nones) is a tensor shaped like its input x."""
+    main = _main(y)
+    return isinstance(x, torch.Tensor) and main is not None and main.shape == x.shape and main.dtype == x.dtype
+
+
 def _check(module: nn.Module, x: torch.Tensor, y) -> None:
-    if (main := _main(y)) is not None and main.shape == x.shape and main.dtype == x.dtype:
+    if _keeps_stream(x, y):
         return
     got = f"{tuple(y.shape)} {y.dtype}" if isinstance(y, torch.Tensor) else type(y).__name__
     raise CaptureError(f"{type(module).__name__} would be kept as one leaf of the graph (export cannot trace it "
@@ -274,20 +287,6 @@ def _patched(module: nn.Module, key: int):
     return forward
 
 
-@contextlib.contextmanager
 def as_leaves(modules):
     """While export runs: each module's forward is one `opaque_module` call (its class forward is untouched)."""
-    patched = []
-    try:
-        for module in modules:
-            key = _key(module)
-            had = "forward" in module.__dict__
-            patched.append((module, had, module.__dict__.get("forward")))
-            module.forward = _patched(module, key)
-        yield
-    finally:
-        for module, had, previous in patched:
-            if had:
-                module.forward = previous
-            else:
-                del module.forward
+    return _instance_forwards(modules, lambda module, _: _patched(module, _key(module)))
