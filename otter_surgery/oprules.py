@@ -21,7 +21,7 @@ import torch
 import torch.fx as fx
 
 from .errors import OtterError, UnsupportedGraphError
-from .ops import Comp, LinearInfo, linear_call, linear_info, ops  # noqa: F401 - Comp, LinearInfo re-exported
+from .ops import Comp, LinearInfo, is_op, linear_call, linear_info, ops  # noqa: F401 - Comp, LinearInfo re-exported
 from .graph_utils import concrete_size, frac_int, get_attr_tensor, ndim, numeric_shape, op_name, product, reshape_groups, shape, val
 
 aten = torch.ops.aten
@@ -128,6 +128,8 @@ def _parameter_derived(ctx: Context, a: fx.Node) -> bool:
     `pp + w` over a state started as full(-1e38))."""
     if get_attr_tensor(ctx.gm, a) is not None or _constant_fill(a):
         return True
+    if a.op == "call_function" and is_op(a, "reshape") and isinstance(a.args[0], fx.Node):
+        return _parameter_derived(ctx, a.args[0])  # (nGPT's `sqk.view(1, 1, H, hd)` scaling q per head)
     if a.op != "call_function" or op_name(a) not in ELEMENTWISE_OPS:
         return False
     ins = [x for x in a.all_input_nodes if val(x) is not None]
@@ -140,6 +142,8 @@ def _widen_parameter(ctx: Context, a: fx.Node, axis: int, size: int, unit: int) 
         return ctx.companion_param(a, axis, size, unit)
     if _constant_fill(a, axis):
         return _widened_fill(ctx, a, axis, size)
+    if is_op(a, "reshape"):
+        return _widened_view(ctx, a, axis, size, unit)
     nd = ndim(a)
 
     def widen(x):
@@ -151,6 +155,24 @@ def _widen_parameter(ctx: Context, a: fx.Node, axis: int, size: int, unit: int) 
         return _widen_parameter(ctx, x, x_ax, size, unit)
 
     return ctx.emit(a.target, tuple(widen(x) for x in a.args), {k: widen(v) for k, v in a.kwargs.items()})
+
+
+def _widened_view(ctx: Context, a: fx.Node, axis: int, size: int, unit: int) -> fx.Node:
+    """The inserted slice of a reshaped parameter: the input's slice that the view lays out along `axis` (the
+    outermost axis of its group, so that slice is contiguous: [H * hd] -> [1, 1, H, hd] gives H_e * hd
+    entries for H_e inserted heads), viewed the same way."""
+    src = a.args[0]
+    for ins, outs in reshape_groups(shape(src), shape(a)):
+        if axis in outs:
+            break
+    sizes = numeric_shape(shape(a))
+    if len(ins) != 1 or any(sizes[o] != 1 for o in outs if o < axis):
+        raise UnsupportedGraphError(a, "reshapes a parameter so that the inserted axis is not the outermost of "
+                                       "its group; its inserted slice would not be contiguous")
+    inner = product([sizes[o] for o in outs if o > axis])
+    widened = _widen_parameter(ctx, src, ins[0], size * inner, unit * inner)
+    sizes[axis] = size
+    return ctx.emit(a.target, (widened, sizes), {})
 
 
 _FILLS = frozenset({"full", "zeros", "ones"})
