@@ -50,10 +50,16 @@ class LogitsOnly(_Wrapper):
             out = self.wrapped(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         else:
             out = self.wrapped(input_ids)
-        if hasattr(out, "logits"):
-            return out.logits
-        if isinstance(out, (tuple, list)):
-            return out[0]
+        # logits, (logits, loss), an output object with .logits, or one of those first in a tuple (safari's
+        # simple LM returns `(CausalLMOutput(logits=...), None)`)
+        while not isinstance(out, torch.Tensor):
+            if hasattr(out, "logits"):
+                out = out.logits
+            elif isinstance(out, (tuple, list)) and out:
+                out = out[0]
+            else:
+                raise CaptureError(f"{type(self.wrapped).__name__} returned {type(out).__name__}, not logits (a "
+                                   "tensor, (logits, ...) or an object with .logits)")
         return out
 
 

@@ -72,6 +72,14 @@ def _symbol_value(name: str) -> int:
     return _SYMBOL_VALUES[name]
 
 
+def example_shape(sh) -> list[int | None]:
+    """Sizes on the example inputs export traced with (a symbol's hint; None where it has none). Two shapes
+    whose expressions differ may agree wherever the model runs at all: Hyena's `x[..., :min(l, l_max)]` is
+    [b, Min(64, s), d] beside its input's [b, s, d], and the model's own residual add needs them equal."""
+    return [(int(s.node.hint) if s.node.hint is not None else None) if isinstance(s, torch.SymInt) else int(s)
+            for s in sh]
+
+
 def numeric_shape(sh) -> list[int]:
     """Sizes with every symbol replaced by its distinct large prime, so products can be compared."""
     out = []

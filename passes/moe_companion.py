@@ -25,7 +25,7 @@ import torch.fx as fx
 
 from otter_surgery import initialize as inits
 from otter_surgery.errors import UnsupportedGraphError
-from otter_surgery.graph_utils import get_attr_tensor, ndim, numeric_shape, op_name, shape, val
+from otter_surgery.graph_utils import example_shape, get_attr_tensor, ndim, numeric_shape, op_name, shape, val
 from otter_surgery.moe import MoERegion
 from otter_surgery.ops import ACTIVATIONS, Comp, is_op, linear_info
 
@@ -67,7 +67,7 @@ def _block_input(ctx, region: MoERegion) -> tuple[fx.Node, Comp]:
     """The residual-stream node the block reads, shaped like its output (a flattened [tokens, d] view of it
     leads back to the stream itself), with its inserted dims on the last axis."""
     y = region.output
-    want = numeric_shape(shape(y))
+    want, example = numeric_shape(shape(y)), example_shape(shape(y))
     found = []
     for n in region.inputs:
         while True:
@@ -77,10 +77,12 @@ def _block_input(ctx, region: MoERegion) -> tuple[fx.Node, Comp]:
             n = n.args[0]
     for n in found:
         c = ctx.comps.get(n)
-        if c is not None and c.axis == ndim(n) - 1 and numeric_shape(shape(n)) == want:
+        if c is not None and c.axis == ndim(n) - 1 and (numeric_shape(shape(n)) == want or (
+                None not in example and example_shape(shape(n)) == example)):
             return n, c
-    raise UnsupportedGraphError(y, "the mixture-of-experts block reads no residual-stream tensor shaped like its "
-                                   f"output (inputs: {[n.name for n in region.inputs]})")
+    raise UnsupportedGraphError(y, f"the {'routed' if region.routed else 'opaque'} block reads no residual-stream "
+                                   f"tensor shaped like its output {tuple(shape(y))} (inputs: "
+                                   f"{[(n.name, tuple(shape(n))) for n in region.inputs]})")
 
 
 def _activation(region: MoERegion) -> fx.Node | None:
