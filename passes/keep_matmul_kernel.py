@@ -25,7 +25,10 @@ def keep_matmul_kernel(gm: fx.GraphModule, also: frozenset[str] = frozenset()) -
     the product is written out as aten.matmul computes it for the user's model:
       x @ W  (linear without bias, matmul):  reshape(x, [-1, k]) -> the same op on 2-D -> view back;
       W @ x  (Mamba's dt_proj.weight @ t):    mm(reshape(x.mT, [-1, k]), W.t()) -> view -> .mT.contiguous().
-    Linear with a bias is left alone (it picks addmm by contiguity, not by the flag). Written out this way the
+    Linear with a bias picks addmm over the flattened input when that input is contiguous, whatever the flag;
+    otherwise it runs the same aten.matmul and adds the bias after: where the activation provably does not fold
+    by a view (so is never contiguous: Hyena's output projection of a permuted [b, s, d]), it is written out
+    as x @ W above plus the bias. Written out this way the
     product is exact whether or not the input folds, so `also` (module paths: those rewritten in another graph
     of the model) are written out even where this graph's example strides fold: a fake tensor's strides for a
     size-1 axis need not be the real tensor's. Returns the module paths written out."""
@@ -34,13 +37,17 @@ def keep_matmul_kernel(gm: fx.GraphModule, also: frozenset[str] = frozenset()) -
     for node in list(graph.nodes):
         if node.target not in (aten.linear.default, aten.matmul.default) or len(node.args) < 2:
             continue
-        if len(node.args) > 2 and node.args[2] is not None:
-            continue
         a, b = node.args[:2]
         out = node.meta.get("val")
         if not isinstance(out, torch.Tensor):
             continue
         w = get_attr_tensor(gm, b)
+        if len(node.args) > 2 and node.args[2] is not None:
+            if node.target is aten.linear.default and w is not None and w.dim() == 2 and w.requires_grad \
+                    and _val(a) is not None and _val(a).dim() >= 3 and not _folds(_val(a)):
+                done.add(module_path(node))
+                _fold_then_bias(graph, node, a, out)
+            continue
         if w is not None and w.dim() == 2 and w.requires_grad and _val(a) is not None and _val(a).dim() >= 3:
             if not _folds(_val(a)) or module_path(node) in also:
                 done.add(module_path(node))
@@ -89,6 +96,20 @@ def _fold_activation_first(graph: fx.Graph, node: fx.Node, x: fx.Node, out: torc
     node.replace_all_uses_with(back, delete_user_cb=lambda u: u is not back)
     node.replace_input_with(x, flat)
     node.meta["val"] = out.reshape(-1, out.shape[-1])
+
+
+def _fold_then_bias(graph: fx.Graph, node: fx.Node, x: fx.Node, out: torch.Tensor) -> None:
+    """linear(x, W, b) on an activation that is not contiguous: aten.linear's matmul path, x @ W folded as for a
+    weight that requires grad, then `+ b` (the original node keeps its target, without its bias)."""
+    bias = node.args[2]
+    node.args = (node.args[0], node.args[1])
+    node.meta["val"] = out  # (the product without the bias has the same shape and dtype)
+    _fold_activation_first(graph, node, x, out)
+    back = next(iter(node.users))
+    with graph.inserting_after(back):
+        added = graph.call_function(aten.add.Tensor, (back, bias))
+    added.meta = {**{k: v for k, v in node.meta.items() if k == "nn_module_stack"}, "val": out}
+    back.replace_all_uses_with(added, delete_user_cb=lambda u: u is not added)
 
 
 def _fold_weight_first(graph: fx.Graph, node: fx.Node, w: fx.Node, x: fx.Node) -> None:

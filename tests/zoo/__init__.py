@@ -23,7 +23,7 @@ import torch
 NAMES = ("mingpt", "llama2c", "meta_llama", "mistral", "gpt_fast", "nanochat", "xtransformers", "olmo", "annotated",
          "litgpt", "mamba_minimal", "rwkv", "modded_nanogpt", "gemma",
          "pytorch_wlm", "torch_nn", "palm", "ngpt", "minimind", "rasbt_gpt", "rasbt_llama3", "openelm",
-         "hyena", "bitnet", "mambapy",
+         "hyena", "bitnet", "mambapy", "nanogpt", "build_nanogpt", "lingua",
          "mistral_moe", "nanomoe", "torchtitan_moe", "deepseek_v3", "rasbt_qwen3_moe", "minimind_moe")
 # Decoders the library refuses, with the reason its error must give (kept faithful, not rewritten to pass).
 REFUSED: dict[str, str] = {}
