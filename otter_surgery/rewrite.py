@@ -15,7 +15,7 @@ from torch import nn
 from . import initialize as inits
 from .analyze import Analysis, Width
 from .errors import OtterError, UnsupportedGraphError, module_path
-from .graph_utils import get_attr_tensor
+from .graph_utils import get_attr_tensor, user_name
 from .ops import Comp, LinearInfo
 from .spec import InsertSpec
 
@@ -67,6 +67,11 @@ class Rewrite:
         return new
 
     def new_param(self, name: str, value: torch.Tensor, dtype: torch.dtype, device) -> fx.Node:
+        # Readable names key inserted_parameters(), adapters and the sharing between graphs: never two alike (a
+        # second slice of one parameter gets a numbered name, in the passes' order, the same in every graph).
+        base, taken, k = name.removesuffix(".inserted"), set(self.param_names.values()), 1
+        while name in taken:
+            name, k = f"{base}.{k}.inserted", k + 1
         attr = re.sub(r"[^0-9a-zA-Z_]", "_", name)
         while hasattr(self.params, attr):
             attr += "_"
@@ -96,9 +101,15 @@ class Rewrite:
 
     # -- inserted parameters --------------------------------------------------------------------------
     def readable(self, attr: fx.Node) -> str:
-        """'model.layers.0.mlp.up_proj.weight.inserted': the module using the parameter, then its leaf name."""
+        """'model.layers.0.mlp.up_proj.weight.inserted': the module using the parameter, then the parameter's
+        name below it ('w1.weight' when a module calls F.linear(x, self.w1.weight), as Llama 4's FeedForward
+        does: three such parameters of one module keep three names), or its leaf name when it lives elsewhere
+        (a tied weight)."""
         where = module_path(self.current) if self.current is not None else "<top level>"
-        leaf = str(attr.target).rpartition(".")[2]
+        full = user_name(str(attr.target))
+        if where != "<top level>" and full.startswith(f"{where}."):
+            return f"{full}.inserted"
+        leaf = full.rpartition(".")[2]
         return (leaf if where == "<top level>" else f"{where}.{leaf}") + ".inserted"
 
     def companion_param(self, attr: fx.Node, axis: int, size: int, unit: int) -> fx.Node:

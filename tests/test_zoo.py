@@ -61,6 +61,9 @@ def test_zoo_decoder_inserts_trains_and_decodes(name):
     out = omodel(input_ids=ids)
     (out.reward.pow(2).sum() + out.calibration.pow(2).sum()).backward()
     params = omodel.inserted_parameters()
+    # one readable name per inserted tensor (they key adapters: Llama 4's F.linear(x, self.w1.weight) once gave
+    # w1, w2, w3 of one module the same name, and save / load kept one of them)
+    assert len(params) == len(list(omodel.graph_module.otter.parameters()))
     try:
         assert params and [k for k, p in params.items() if p.grad is None or not bool(p.grad.abs().sum() > 0)] == []
         assert all(p.grad is None for p in model.parameters())
@@ -203,10 +206,12 @@ UNTOUCHED = {
     "triu": "mask construction", "triu_": "mask construction, in place (DeepSeek-V3)", "cumsum": "positions from the padding mask", "__and__": "mask combination",
     "sym_size": "shape inspection", "_assert_tensor_metadata": "shape/dtype inspection",
     "sym_numel": "shape inspection", "_assert_scalar": "runtime check of a data-dependent size (nonzero's count)",
+    "sym_min": "min(l, l_max) on sizes (Hyena's filter length)", "tril_": "mask construction, in place (BitNet)",
 }
 # Ops with no rule on purpose that the zoo holds inside residual blocks: insert() makes their block an opaque
 # region (the original computation, a side FFN beside it), so inserted dims never reach them either.
 OPAQUE = {"conv1d": "the causal depthwise conv of a Mamba mixer (mamba_minimal)",
+          "fft_rfft": "Hyena's FFT long convolution (safari)", "fft_irfft": "Hyena's FFT long convolution (safari)",
           "opaque_module": "a module branching on tensor values, captured as one leaf (DeepSeek-V3's and "
                            "LLMs-from-scratch's expert loops; otter_surgery.leaves)"}  # (RWKV: region from a refused mul)
 # Ops refused on purpose when inserted dims reach them (propagate_companions' routing list, and the `index`
@@ -218,7 +223,7 @@ IN_ROUTED_REGIONS = {
     "one_hot": "nanoMoE's expert and capacity masks", "scatter_": "top-k scores / routing map written in place",
     "argsort": "torchtitan's token order by expert", "_grouped_mm": "torchtitan's grouped expert GEMMs",
     "deterministic_scatter_add": "torchtitan's combine (a custom op)", "floor_divide": "token index // top_k",
-    "unflatten": "torchtitan's expert groups",
+    "unflatten": "torchtitan's expert groups", "scatter_add_": "Llama 4's MoE combine, in place",
 }
 REFUSED = {"index_put", "index_put_", "index_add", "index_select", "scatter", "scatter_add", "gather", "nonzero",
            "topk"}  # (topk: a routing selection, the seed of its mixture-of-experts region)

@@ -24,7 +24,8 @@ NAMES = ("mingpt", "llama2c", "meta_llama", "mistral", "gpt_fast", "nanochat", "
          "litgpt", "mamba_minimal", "rwkv", "modded_nanogpt", "gemma",
          "pytorch_wlm", "torch_nn", "palm", "ngpt", "minimind", "rasbt_gpt", "rasbt_llama3", "openelm",
          "hyena", "bitnet", "mambapy", "nanogpt", "build_nanogpt", "lingua",
-         "mistral_moe", "nanomoe", "torchtitan_moe", "deepseek_v3", "rasbt_qwen3_moe", "minimind_moe")
+         "torchtitan_llama3", "retnet",
+         "mistral_moe", "nanomoe", "torchtitan_moe", "deepseek_v3", "rasbt_qwen3_moe", "minimind_moe", "llama4")
 # Decoders the library refuses, with the reason its error must give (kept faithful, not rewritten to pass).
 REFUSED: dict[str, str] = {}
 
