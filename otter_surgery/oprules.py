@@ -81,6 +81,20 @@ def _fail(node: fx.Node, reason: str):
     raise UnsupportedGraphError(node, reason)
 
 
+def _reads_inputs(a: fx.Node) -> bool:
+    """Whether `a` depends on a graph input's values (the tokens, the mask, a cache), not only on sizes (read
+    by sym_size, an int), parameters, buffers and constants."""
+    seen, todo = set(), [a]
+    while todo:
+        n = todo.pop()
+        if n.op == "placeholder":
+            return True
+        if n not in seen and isinstance(n.meta.get("val"), torch.Tensor):
+            seen.add(n)
+            todo.extend(n.all_input_nodes)
+    return False
+
+
 def _copied_units(ctx: Context, a: fx.Node, axis: int, c: Comp) -> fx.Node:
     """What inserted units see of an operand that has one entry per original unit along the inserted axis
     but no inserted dims (ALiBi's per-head bias [b*h, 1, s]): the entries of the units they copy, inserted
@@ -209,7 +223,7 @@ def elementwise(ctx: Context, node: fx.Node) -> Comp | None:
     ax, size = axes.pop(), sizes.pop()
     first = ctx.comps[ins[0]]
 
-    def widen(a):
+    def widen(a, copy_constants=False):
         if not isinstance(a, fx.Node) or val(a) is None:
             return a
         if a in ctx.comps:
@@ -223,6 +237,8 @@ def elementwise(ctx: Context, node: fx.Node) -> Comp | None:
             return _copied_units(ctx, a, a_ax, first)
         if _parameter_derived(ctx, a):
             return _widen_parameter(ctx, a, a_ax, size, first.unit)
+        if copy_constants and not _reads_inputs(a):
+            return _copied_units(ctx, a, a_ax, first)
         raise _ZeroOperand(a)
 
     try:
@@ -235,8 +251,14 @@ def elementwise(ctx: Context, node: fx.Node) -> Comp | None:
             return first
         if name == "sub" and len(node.args) == 2 and node.args[0] in ctx.comps and not node.kwargs:
             return first
-        _fail(node, f"operand '{z.arg.name}' spans the inserted axis but carries no inserted dims; "
-                    f"only a sum may treat it as zero")
+        # Otherwise a constant built from sizes and buffers (RetNet's per-head decay mask [h, s, s], multiplied
+        # into the scores): the inserted units see the entries of the units they copy, as ALiBi's bias above.
+        try:
+            args = tuple(widen(a, True) for a in node.args)
+            kwargs = {k: widen(v, True) for k, v in node.kwargs.items()}
+        except _ZeroOperand:
+            _fail(node, f"operand '{z.arg.name}' spans the inserted axis but carries no inserted dims; "
+                        f"only a sum may treat it as zero")
     return replace(first, node=ctx.emit(node.target, args, kwargs), axis=ax, sizes=None)
 
 

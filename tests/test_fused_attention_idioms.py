@@ -4,7 +4,10 @@
 - FlexAttention (torch.nn.attention.flex_attention) with a causal block mask from create_block_mask (its vmap
   leaves functorch bookkeeping in the graph that dead-code elimination must keep): inserted heads run in a
   second call with the same mask; a score_mod that reads the head index (a per-head bias) is refused by the
-  rule, and the block becomes an opaque region instead.
+  rule, and the block becomes an opaque region instead;
+- a per-head decay built from a buffer and the sequence length (RetNet's `gamma ** (i - j)` mask, [h, s, s]),
+  multiplied into explicit attention probabilities: a constant of the model, so inserted heads take the decay
+  of the heads they copy (as ALiBi's per-head bias) and the block keeps its inserted heads.
 Each is bit-identical (hypothesis, 50 examples), every inserted parameter trains, and greedy decoding is the
 model's own."""
 import pytest
@@ -34,6 +37,7 @@ class Attention(nn.Module):
         super().__init__()
         self.heads, self.kind = heads, kind
         self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.register_buffer("gamma", 1 - 2.0 ** (-5 - torch.arange(heads, dtype=torch.float)))
 
     def forward(self, x, block_mask=None):
         B, T, C = x.shape
@@ -41,6 +45,13 @@ class Attention(nn.Module):
         q, k, v = qkv.unbind(0)
         if self.kind == "sdpa":
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        elif self.kind == "decay":
+            i = torch.arange(T, device=x.device)
+            dist = (i[:, None] - i[None, :]).float()
+            decay = (self.gamma[:, None, None] ** dist.clamp(min=0)).masked_fill(dist < 0, 0)  # [h, s, s]
+            scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+            scores = scores.masked_fill(dist < 0, float("-inf"))
+            y = (scores.softmax(-1) * decay) @ v
         elif self.kind == "flex":
             y = flex_attention(q, k, v, block_mask=block_mask)
         else:
@@ -71,7 +82,7 @@ class Decoder(nn.Module):
     def forward(self, idx):
         T = idx.shape[1]
         x = self.tok(idx) + self.pos(torch.arange(T, device=idx.device))
-        mask = None if self.kind == "sdpa" else create_block_mask(_causal, None, None, T, T, device=idx.device)
+        mask = None if self.kind in ("sdpa", "decay") else create_block_mask(_causal, None, None, T, T, device=idx.device)
         for block in self.blocks:
             x = block(x, mask)
         return self.head(self.norm(x))
@@ -84,7 +95,7 @@ def _greedy(model, ids, steps):
     return ids
 
 
-@pytest.mark.parametrize("kind", ["sdpa", "flex", "flex_head_bias"])
+@pytest.mark.parametrize("kind", ["sdpa", "flex", "flex_head_bias", "decay"])
 def test_fused_qkv_and_flex_attention_insert_bit_identically(kind):
     torch.manual_seed(0)
     model = Decoder(kind).eval()
