@@ -454,10 +454,16 @@ def decoder(omodel: OtterModel) -> CachedDecoder | RecomputeDecoder:
             except CaptureError as cached_error:
                 try:  # no cache this library can read: decode as generate does without one
                     made = RecomputeStepDecoder(omodel)
-                except CaptureError:
-                    raise cached_error from None
-                logger.info("%s returns no key/value cache that can be captured (%s); decoding recomputes the "
-                            "sequence each step", type(base).__name__, cached_error)
+                except CaptureError as step_error:
+                    # nor a step graph called as generate calls it (a recurrent state it cannot capture, a
+                    # length its code fixes): the Otter model's own forward over the whole sequence each step
+                    logger.warning("%s: no decode step could be captured (%s; %s); decoding runs the whole "
+                                   "sequence through the Otter model each step: its greedy tokens are those of "
+                                   "the model's full forward", type(base).__name__, cached_error, step_error)
+                    made = RecomputeDecoder(omodel)
+                else:
+                    logger.info("%s returns no key/value cache that can be captured (%s); decoding recomputes "
+                                "the sequence each step", type(base).__name__, cached_error)
         omodel.__dict__["_decoder"] = made
     return made
 

@@ -290,3 +290,27 @@ def test_decode_steps_read_the_calibration_head_out_only_where_needed(guided):
     torch.testing.assert_close(out.head_logits("calibration"), full)
     cand = torch.tensor([[5, 9, 11], [3, 3, 52], [40, 7, 0]])
     torch.testing.assert_close(out.head_logits("calibration", tokens=cand), full.gather(-1, cand))
+
+
+def test_a_recurrent_state_no_step_can_capture_decodes_through_the_full_graph():
+    """Mamba's cache is a recurrent state this library cannot read, and its Python fixes the length, so no
+    decode step is captured: otter.generate runs the Otter model's full forward each step. Its tokens are the
+    model's own greedy argmax of full forwards, and here transformers' generate (cached recurrent steps) agrees."""
+    from otter_surgery.stepper import RecomputeDecoder
+    from otter_surgery.support import tiny_config
+    from otter_surgery.verify import reference_logits
+
+    model = ot.build_model(tiny_config("mamba"))
+    omodel = otter.insert(model, otter.InsertSpec(extra_dim=4, extra_ffn=8, signal="reward"))
+    ids = torch.randint(3, 60, (2, 5), generator=torch.Generator().manual_seed(4))
+    out = otter.generate(omodel, ids, max_new_tokens=4, eos_token_id=[])
+    assert isinstance(decoder(omodel), RecomputeDecoder) and out.rewards.shape == (2, 4)
+    want = ids
+    for _ in range(4):
+        logits = reference_logits(model, {"input_ids": want, "attention_mask": torch.ones_like(want)})
+        want = torch.cat([want, logits[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(out.sequences, want)
+    with torch.no_grad():
+        hf = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False,
+                            eos_token_id=None, min_new_tokens=4)
+    assert torch.equal(out.sequences, hf)
