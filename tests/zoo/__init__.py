@@ -13,6 +13,18 @@ leaves (otter_surgery.leaves). Two are built from torch.nn's own transformer mod
 word_language_model example) and torch_nn (nn.TransformerEncoderLayer batch-first, whose fused fast path export
 cannot trace): their layers are leaves too. REFUSED holds faithful decoders the library refuses on purpose, with the reason
 its error must give (none today).
+Added in the ninth session, each found something or pins an idiom: palm (PaLM-pytorch: nn.Sequential model,
+parallel residual `x + sum(fn(x) ...)`, multi-query einsum attention, a mask registered as a buffer during forward
+-- export used to leave its fake tensor on the user's model), ngpt (NVIDIA's nGPT: hidden states on the unit
+sphere, per-head `sqk.view(1, 1, H, hd)` scales, logits scaled after the output linear), minimind and minimind_moe
+(transformers base classes with their own list-of-tuples cache, attention branching on `torch.all(mask == 1)`,
+a numpy-driven expert loop), rasbt_gpt and rasbt_llama3 (LLMs-from-scratch), openelm (CoreNet: per-layer head
+counts and FFN widths), hyena (safari: FFT long convolutions, `min(l, l_max)` slicing, logits inside a namedtuple
+inside a tuple, a biased linear over a permuted activation), bitnet (BitLinear's quantized weights and
+activations with straight-through detach), mambapy (mamba.py's in-place parallel scan), nanogpt, build_nanogpt,
+lingua (Meta's lingua: real-valued rotary matrices), torchtitan_llama3 (complex rotary through view_as_complex),
+retnet (torchscale: per-head decay masks, group norm) and llama4 (Meta's Llama 4 text model: NoPE layers, chunked
+local attention, a shared-expert MoE, `F.linear(x, self.w1.weight)`, a KV cache written in place).
 """
 from __future__ import annotations
 
