@@ -36,8 +36,11 @@ def ndim(node: fx.Node) -> int:
 
 
 def op_name(node: fx.Node) -> str:
-    """'add', 'linear', 'getitem', ...: the overload packet of an aten op, or the Python function name."""
+    """'add', 'linear', 'getitem', ...: the overload packet of an aten op, or the Python function name; a function
+    of ours that computes an aten op another way names that op in `otter_op` (keep_matmul_kernel's linear)."""
     t = node.target
+    if isinstance(getattr(t, "otter_op", None), str):
+        return t.otter_op
     packet = getattr(t, "overloadpacket", None)
     if packet is not None:
         return packet.__name__

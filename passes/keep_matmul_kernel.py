@@ -26,9 +26,9 @@ def keep_matmul_kernel(gm: fx.GraphModule, also: frozenset[str] = frozenset()) -
       x @ W  (linear without bias, matmul):  reshape(x, [-1, k]) -> the same op on 2-D -> view back;
       W @ x  (Mamba's dt_proj.weight @ t):    mm(reshape(x.mT, [-1, k]), W.t()) -> view -> .mT.contiguous().
     Linear with a bias picks addmm over the flattened input when that input is contiguous, whatever the flag;
-    otherwise it runs the same aten.matmul and adds the bias after: where the activation provably does not fold
-    by a view (so is never contiguous: Hyena's output projection of a permuted [b, s, d]), it is written out
-    as x @ W above plus the bias. Written out this way the
+    otherwise it runs the same aten.matmul and adds the bias after: where the activation may not fold (Hyena's
+    output projection of a permuted [b, s, d]), the node calls `linear_as_users_model`, which takes that
+    decision at run time, as aten.linear does. Written out this way the
     product is exact whether or not the input folds, so `also` (module paths: those rewritten in another graph
     of the model) are written out even where this graph's example strides fold: a fake tensor's strides for a
     size-1 axis need not be the real tensor's. Returns the module paths written out."""
@@ -44,9 +44,9 @@ def keep_matmul_kernel(gm: fx.GraphModule, also: frozenset[str] = frozenset()) -
         w = get_attr_tensor(gm, b)
         if len(node.args) > 2 and node.args[2] is not None:
             if node.target is aten.linear.default and w is not None and w.dim() == 2 and w.requires_grad \
-                    and _val(a) is not None and _val(a).dim() >= 3 and not _folds(_val(a)):
+                    and _val(a) is not None and _val(a).dim() >= 3 and (not _folds(_val(a)) or module_path(node) in also):
                 done.add(module_path(node))
-                _fold_then_bias(graph, node, a, out)
+                node.target = linear_as_users_model  # (its contiguity, hence its path, is known only at run time)
             continue
         if w is not None and w.dim() == 2 and w.requires_grad and _val(a) is not None and _val(a).dim() >= 3:
             if not _folds(_val(a)) or module_path(node) in also:
@@ -98,18 +98,18 @@ def _fold_activation_first(graph: fx.Graph, node: fx.Node, x: fx.Node, out: torc
     node.meta["val"] = out.reshape(-1, out.shape[-1])
 
 
-def _fold_then_bias(graph: fx.Graph, node: fx.Node, x: fx.Node, out: torch.Tensor) -> None:
-    """linear(x, W, b) on an activation that is not contiguous: aten.linear's matmul path, x @ W folded as for a
-    weight that requires grad, then `+ b` (the original node keeps its target, without its bias)."""
-    bias = node.args[2]
-    node.args = (node.args[0], node.args[1])
-    node.meta["val"] = out  # (the product without the bias has the same shape and dtype)
-    _fold_activation_first(graph, node, x, out)
-    back = next(iter(node.users))
-    with graph.inserting_after(back):
-        added = graph.call_function(aten.add.Tensor, (back, bias))
-    added.meta = {**{k: v for k, v in node.meta.items() if k == "nn_module_stack"}, "val": out}
-    back.replace_all_uses_with(added, delete_user_cb=lambda u: u is not added)
+def linear_as_users_model(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """aten.linear(x, weight, bias) computed as it is for a weight that requires grad: a contiguous x is flattened
+    into one addmm (whatever the flag); any other runs aten.matmul, which then folds x by reshape into one mm,
+    and adds the bias after. The same kernels with a frozen weight, whose matmul would not fold. An op of the
+    "linear" kind (otter_surgery.ops): the analysis reads it as the linear it is."""
+    if x.dim() >= 3 and not x.is_contiguous():
+        y = torch.mm(x.reshape(-1, x.shape[-1]), weight.t())
+        return y.view(*x.shape[:-1], weight.shape[0]) + bias
+    return aten.linear.default(x, weight, bias)
+
+
+linear_as_users_model.otter_op = "linear"  # graph_utils.op_name: rules, traits and linear_info read it as one
 
 
 def _fold_weight_first(graph: fx.Graph, node: fx.Node, w: fx.Node, x: fx.Node) -> None:
