@@ -100,9 +100,9 @@ def _fold_activation_first(graph: fx.Graph, node: fx.Node, x: fx.Node, out: torc
 
 def linear_as_users_model(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """aten.linear(x, weight, bias) computed as it is for a weight that requires grad: a contiguous x is flattened
-    into one addmm (whatever the flag); any other runs aten.matmul, which then folds x by reshape into one mm,
-    and adds the bias after. The same kernels with a frozen weight, whose matmul would not fold. An op of the
-    "linear" kind (otter_surgery.ops): the analysis reads it as the linear it is."""
+    into one addmm (whatever the flag); any other runs aten.matmul, which folds x by reshape into one mm (for a
+    frozen weight it would not), and adds the bias after. Read as an op of the "linear" kind (graph_utils.op_name):
+    the analysis and the rules see the linear it is."""
     if x.dim() >= 3 and not x.is_contiguous():
         y = torch.mm(x.reshape(-1, x.shape[-1]), weight.t())
         return y.view(*x.shape[:-1], weight.shape[0]) + bias
